@@ -1,0 +1,248 @@
+"""The ``align`` command line: one thin function per subcommand, nothing but argument handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from align_cli.recipe import RecipeError, load_recipe
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="align",
+    help="Align a language model: SFT, reward model, PPO, rejection sampling and DPO.\n\n"
+    "Every training command reads a YAML recipe (--recipe), which flags and --set key=value override.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect and validate data files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+# ----------------------------------------------------------------------------- common flags
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", "-r", help="YAML recipe file.", show_default=False)
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Hub id or local directory (model.name_or_path).", show_default=False),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", "-d", help="Training JSONL file or hub data set id (data.train).", show_default=False
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Run directory (output.dir); default runs/<stage>/<time>.", show_default=False
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a recipe value, e.g. --set training.lr=1e-5 (repeatable).",
+        show_default=False,
+    ),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Random seed (training.seed).", show_default=False)
+]
+MaxStepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-steps", help="Stop after this many optimizer steps (training.max_steps).", show_default=False
+    ),
+]
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("ALIGN_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)]
+    )
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _run_stage(
+    stage: str,
+    runner: Any,
+    recipe: Path | None,
+    model: str | None,
+    data: str | None,
+    out: Path | None,
+    sets: list[str] | None,
+    resume: bool,
+    seed: int | None,
+    max_steps: int | None,
+) -> None:
+    from align_cli.data.formats import DataError
+    from align_cli.data.templates import TemplateError
+    from align_cli.engine.checkpoint import CheckpointError
+    from align_cli.engine.loop import NonFiniteError
+    from align_cli.models import ModelError
+    from align_cli.runs import RunDirError
+
+    _setup_logging()
+    overrides = {
+        "model.name_or_path": model,
+        "data.train": data,
+        "output.dir": str(out) if out else None,
+        "training.seed": seed,
+        "training.max_steps": max_steps,
+    }
+    try:
+        parsed = load_recipe(recipe, overrides, sets, stage=stage)
+        runner(parsed, resume=resume, console=console)
+    except (
+        RecipeError,
+        DataError,
+        TemplateError,
+        ModelError,
+        RunDirError,
+        CheckpointError,
+        NonFiniteError,
+    ) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+
+
+def _not_implemented(stage: str) -> None:
+    _fail(f"`align {stage}` is not implemented yet in this version; see the README for what is.")
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align sft --recipe recipes/sft-tiny.yaml\n\n"
+    "  align sft -m examples/models/tiny -d examples/data/alpaca.jsonl --set training.lr=1e-3 --max-steps 50\n\n"
+    "  align sft -r recipes/sft-tiny.yaml -o runs/sft-a --resume",
+)
+def sft(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+) -> None:
+    """Supervised fine-tuning: loss on response tokens only (Alpaca, prompt/completion, chat, text)."""
+    from align_cli.stages.sft import run_sft
+
+    _run_stage("sft", run_sft, recipe, model, data, out, set_, resume, seed, max_steps)
+
+
+def _placeholder(stage: str, summary: str) -> None:
+    def command(
+        recipe: RecipeOpt = None,
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        out: OutOpt = None,
+        set_: SetOpt = None,
+        resume: ResumeOpt = False,
+        seed: SeedOpt = None,
+        max_steps: MaxStepsOpt = None,
+    ) -> None:
+        _not_implemented(stage)
+
+    command.__doc__ = f"{summary} [not implemented yet]"
+    app.command(name=stage)(command)
+
+
+_placeholder("reward", "Train a reward model on pairwise, rated or ranked preferences.")
+_placeholder("dpo", "Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce).")
+_placeholder("rejection-sample", "Best-of-N sampling scored by a reward model, and its fine-tuning rounds.")
+_placeholder("ppo", "RLHF with PPO: per-token KL penalty, value head, GAE, PPO-ptx.")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@app.command(
+    "init-model",
+    epilog="Examples:\n\n  align init-model --preset tiny --out examples/models/tiny\n\n"
+    "  align init-model --preset small --out /tmp/small --seed 1",
+)
+def init_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the model and tokenizer to.")],
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="tiny (~1M params) or small (~25M).")
+    ] = "tiny",
+    seed: Annotated[int, typer.Option("--seed", help="Initialisation seed (same seed, same weights).")] = 0,
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Option("--corpus", help="Text/JSONL files to train the tokenizer on (repeatable)."),
+    ] = None,
+) -> None:
+    """Write a random-init Llama-architecture model with an offline byte-level BPE tokenizer."""
+    from align_cli.presets import PRESETS
+    from align_cli.presets import init_model as build
+
+    if preset not in PRESETS:
+        _fail(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    texts = None
+    if corpus:
+        missing = [str(p) for p in corpus if not p.is_file()]
+        if missing:
+            _fail(f"--corpus: no such file(s): {', '.join(missing)}")
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus]
+    path = build(preset, out, seed=seed, corpus=texts)
+    console.print(f"wrote {preset} model to [bold]{path}[/]")
+
+
+@data_app.command(
+    "check",
+    epilog="Examples:\n\n  align data check examples/data/alpaca.jsonl --model examples/models/tiny\n\n"
+    "  align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+)
+def data_check(
+    file: Annotated[str, typer.Argument(help="JSONL file or hub data set id.")],
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Override data.max_length.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a data file; print counts, token-length percentiles and what max length would cut."""
+    from align_cli.data.check import check_file
+    from align_cli.data.formats import DataError
+    from align_cli.models import ModelError
+
+    try:
+        parsed = load_recipe(recipe, {"model.name_or_path": model, "data.max_length": max_length}, set_)
+        check_file(file, parsed, console)
+    except (RecipeError, DataError, ModelError) as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Segments -> token ids with a loss mask, built together; truncation policy and its counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from align_cli.data.formats import Record
+from align_cli.data.templates import Segment, render_sft_record
+
+IGNORE_INDEX = -100  # label of a token that is not trained on (prompt, padding)
+
+
+@dataclass
+class DataStats:
+    """What happened to the records of one split: read = kept + sum(dropped)."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped": dict(self.dropped),
+        }
+
+    def describe(self) -> str:
+        drops = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
+        return f"{self.read} read, {self.kept} kept, {self.truncated} truncated, dropped: {drops}"
+
+
+def encode_segments(segments: list[Segment], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE_INDEX where not trainable), segment by segment.
+
+    A BOS token is put first when the tokenizer has one and the template did not already."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, trainable in segments:
+        piece_ids = (
+            piece if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
+        )
+        ids.extend(piece_ids)
+        labels.extend(piece_ids if trainable else [IGNORE_INDEX] * len(piece_ids))
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+        labels.insert(0, IGNORE_INDEX)
+    if labels:
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token
+    return ids, labels
+
+
+def fit_sft(ids: list[int], labels: list[int], max_length: int, on_too_long: str) -> tuple[list, list] | str:
+    """Apply the length policy; returns (ids, labels) or the reason the example is dropped."""
+    if len(ids) > max_length:
+        if on_too_long == "drop":
+            return "too_long"
+        ids, labels = ids[:max_length], labels[:max_length]  # keep the start: the prompt must stay whole
+    if all(label == IGNORE_INDEX for label in labels):
+        return "no_response_tokens_left" if len(ids) == max_length else "no_response_tokens"
+    return ids, labels
+
+
+def tokenize_sft(
+    records: list[Record], tokenizer: Any, template: str, max_length: int, on_too_long: str
+) -> tuple[list[dict], DataStats]:
+    """Records -> examples {input_ids, labels, length, n_supervised, where}, with accounting."""
+    stats = DataStats()
+    examples = []
+    for record in records:
+        stats.read += 1
+        ids, labels = encode_segments(
+            render_sft_record(record.kind, record.fields, template, tokenizer), tokenizer
+        )
+        truncated = len(ids) > max_length
+        fitted = fit_sft(ids, labels, max_length, on_too_long)
+        if isinstance(fitted, str):
+            stats.dropped[fitted] += 1
+            continue
+        stats.truncated += truncated
+        stats.kept += 1
+        ids, labels = fitted
+        examples.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "length": len(ids),
+                "n_supervised": sum(label != IGNORE_INDEX for label in labels),
+                "where": record.where,
+            }
+        )
+    return examples, stats

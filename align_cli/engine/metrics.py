@@ -1,0 +1,87 @@
+"""Metric rows -> metrics.jsonl (appended as they come) and metrics.csv; rich tables; plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+class MetricsLog:
+    """Rows of {step, ...} written to ``metrics.jsonl`` at once and to ``metrics.csv`` on flush."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and self.jsonl.exists():
+            # keep what the checkpoint covers; later rows are recomputed by the resumed run
+            old = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in old if r.get("step", 0) <= resume_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.jsonl.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        with self.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def series(self, key: str) -> list[float]:
+        return [r[key] for r in self.rows if key in r]
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def print_table(title: str, rows: list[tuple[str, Any]], console: Console | None = None) -> None:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, fmt(value))
+    (console or Console()).print(table)
+
+
+def plot_metrics(log: MetricsLog, keys: list[str], path: Path) -> Path | None:
+    """Line plots of ``keys`` against step; skipped quietly when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [k for k in keys if log.series(k)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        steps = [r["step"] for r in log.rows if key in r]
+        ax.plot(steps, log.series(key), marker="." if len(steps) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,129 @@
+"""What every training stage does around its algorithm: open the run, finish it, report it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from align_cli.data.tokenize import DataStats
+from align_cli.engine.loop import make_accelerator
+from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.models import count_parameters, save_model
+from align_cli.recipe import Recipe, RecipeError
+from align_cli.runs import (
+    FINAL,
+    default_run_dir,
+    peak_memory_mb,
+    prepare_run_dir,
+    record_output,
+    write_summary,
+)
+
+
+def require(recipe: Recipe, *dotted: str) -> None:
+    """Raise one RecipeError naming every required value that is missing."""
+    missing = []
+    for key in dotted:
+        node: Any = recipe
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node in (None, ""):
+            missing.append(key)
+    if missing:
+        flags = {"model.name_or_path": "--model", "data.train": "--data"}
+        listed = ", ".join(f"{k} ({flags[k]})" if k in flags else k for k in missing)
+        raise RecipeError(f"missing required value(s): {listed}")
+
+
+def split_holdout(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A deterministic held-out split: (train, eval)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
+
+
+def open_run(recipe: Recipe, resume: bool) -> tuple[Path, Accelerator]:
+    """Create (or reopen, with --resume) the run directory and the accelerator; save the recipe."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator = make_accelerator(recipe.training.precision)
+    chosen = [recipe.output.dir or str(default_run_dir(recipe.stage or "run"))]
+    if accelerator.num_processes > 1:  # every process must agree on a timestamped default
+        broadcast_object_list(chosen)
+    run_dir = Path(chosen[0])
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, resume, recipe.output.overwrite)
+        recipe.output.dir = str(run_dir)
+        recipe.save(run_dir / "recipe.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir, accelerator
+
+
+def finish_run(
+    stage: str,
+    recipe: Recipe,
+    run_dir: Path,
+    accelerator: Accelerator,
+    result: dict[str, Any],
+    tokenizer: Any,
+    data_stats: dict[str, DataStats],
+    console: Console,
+    plot_keys: tuple[str, ...] = ("loss", "eval/loss", "lr", "grad_norm"),
+) -> dict[str, Any]:
+    """Save the final model, write summary.json and a plot, print the summary table."""
+    model = result["model"]
+    state_dict = accelerator.get_state_dict(model)
+    final_dir = run_dir / FINAL
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, final_dir, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+    metrics: MetricsLog | None = result["metrics"]
+    last = next((r for r in reversed(metrics.rows) if "loss" in r), {}) if metrics else {}
+    trainable, total = count_parameters(accelerator.unwrap_model(model))
+    train_stats = data_stats["train"]
+    summary = {
+        "stage": stage,
+        "run_dir": str(run_dir),
+        "final_model": str(final_dir),
+        "steps": result["steps"],
+        "first_loss": result["first_loss"],
+        "last_loss": last.get("loss"),
+        **{k: v for k, v in result["final_eval"].items()},
+        "elapsed_s": result["elapsed_s"],
+        "tokens_per_s_mean": (sum(metrics.series("tokens")) / max(result["elapsed_s"], 1e-9))
+        if metrics
+        else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "parameters_trainable": trainable,
+        "parameters_total": total,
+        "data": {name: stats.as_dict() for name, stats in data_stats.items()},
+    }
+    if accelerator.is_main_process:
+        write_summary(run_dir, summary)
+        if metrics:
+            plot_metrics(metrics, list(plot_keys), run_dir / "metrics.png")
+        record_output(stage, final_dir)
+        rows = [
+            ("steps", summary["steps"]),
+            ("first loss", summary["first_loss"]),
+            ("last loss", summary["last_loss"]),
+            *[(k, v) for k, v in result["final_eval"].items()],
+            ("tokens/s (mean)", summary["tokens_per_s_mean"]),
+            ("peak memory (MB)", summary["peak_memory_mb"]),
+            ("trainable / total params", f"{trainable:,} / {total:,}"),
+            ("examples", train_stats.describe()),
+            ("elapsed (s)", summary["elapsed_s"]),
+            ("final model", str(final_dir)),
+        ]
+        print_table(f"align {stage}: summary", rows, console)
+    return summary

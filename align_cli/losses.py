@@ -1,0 +1,541 @@
+"""Alignment losses as pure functions on tensors.
+
+This module is the reference implementation of the objectives used by the stages of ``align_cli``:
+reward modelling (Bradley-Terry, InstructGPT K-way rankings, Llama 2 margins), the DPO family (DPO,
+conservative DPO, IPO, hinge/SLiC, Plackett-Luce) and PPO for RLHF (KL-shaped per-token rewards, GAE,
+clipped surrogate and value losses, adaptive KL coefficient).
+
+Every function takes tensors and plain numbers and returns tensors: no models, no config objects, no
+global state. Each docstring states the formula in the notation of the papers:
+
+    x prompt, y response, pi the policy, pi_ref the frozen reference (SFT) model, sigma the logistic
+    function, log pi(y|x) = sum of the token log-probs over the response tokens only,
+    h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)).
+
+Token-level PPO tensors are [B, T] with a ``mask`` [B, T] (float or bool) marking response tokens; the
+mask of each row is a contiguous run of ones from position 0 (responses are right-padded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "bradley_terry_loss",
+    "ranking_pairs",
+    "pairwise_reward_loss",
+    "reward_centering_loss",
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "plackett_luce_dpo_loss",
+    "masked_mean",
+    "masked_var",
+    "whiten",
+    "KL_ESTIMATORS",
+    "kl_penalty",
+    "per_token_rewards",
+    "gae",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "entropy_from_logits",
+    "FixedKLController",
+    "AdaptiveKLController",
+]
+
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3", "abs", "mse")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | None = None) -> Tensor:
+    """Bradley-Terry reward-model loss per pair, with the optional Llama 2 margin.
+
+    Bradley-Terry: p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l)), so the negative log-likelihood is
+
+        loss = -log sigma(r(x, y_c) - r(x, y_r) - m(r))
+
+    where m(r) is the Llama 2 margin, a discrete function of the preference rating (e.g. the "small"
+    table {significantly better: 1, better: 2/3, slightly better: 1/3, negligibly better / unsure: 0}).
+    m = 0 when ``margin`` is None, which is the plain Bradley-Terry loss.
+
+    Args:
+        r_chosen: r(x, y_c), scores of the preferred responses, shape [B].
+        r_rejected: r(x, y_r), scores of the rejected responses, shape [B].
+        margin: m(r), shape [B] (or broadcastable), or None for m = 0.
+
+    Returns:
+        Per-pair losses, shape [B] (computed with logsigmoid for numerical stability).
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def ranking_pairs(k: int) -> list[tuple[int, int]]:
+    """All C(k, 2) (better, worse) index pairs of a ranking of k responses given best first.
+
+    For a ranking y_0 > y_1 > ... > y_{k-1}, returns [(i, j) for 0 <= i < j < k] in lexicographic order,
+    e.g. ranking_pairs(3) == [(0, 1), (0, 2), (1, 2)]. k < 2 gives no pairs.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def pairwise_reward_loss(
+    rewards: Tensor,
+    better: Tensor,
+    worse: Tensor,
+    pair_weight: Tensor,
+    margin: Tensor | None = None,
+) -> Tensor:
+    """Weighted sum of Bradley-Terry losses over pairs of responses that are each scored once.
+
+    InstructGPT (K = 4..9 ranked responses per prompt, all C(K,2) pairs of a prompt in one batch, so
+    each response gets a single forward pass):
+
+        loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l) ~ D}[ log sigma(r(x, y_w) - r(x, y_l)) ]
+
+    This function computes, over the P pairs of a batch,
+
+        sum_p  w_p * -log sigma(r[better_p] - r[worse_p] - m_p)
+
+    With w_p = 1 for a plain (chosen, rejected) record and w_p = 1/C(K,2) for each pair of a K-ranked
+    prompt, every prompt contributes one unit of weight, so plain pairs and K-way rankings can share a
+    batch; the caller divides the sum by the number of prompts to get the expectation. m_p is the
+    optional Llama 2 margin (0 when None).
+
+    Args:
+        rewards: r(x, y), one score per response in the batch, flat shape [N].
+        better: indices into ``rewards`` of the preferred response of each pair, shape [P].
+        worse: indices into ``rewards`` of the dispreferred response of each pair, shape [P].
+        pair_weight: w_p, shape [P].
+        margin: m_p, shape [P], or None.
+
+    Returns:
+        Scalar: the weighted sum over pairs (not the mean).
+    """
+    losses = bradley_terry_loss(rewards[better], rewards[worse], margin)
+    return (pair_weight.to(losses.dtype) * losses).sum()
+
+
+def reward_centering_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Reward-centering auxiliary term per pair (Eisenstein et al. 2023).
+
+        aux = (r(x, y_c) + r(x, y_r))^2
+
+    The Bradley-Terry loss only sees reward differences, so the reward is defined up to a constant per
+    prompt; this term pulls the pair's scores to sum to zero. The caller multiplies it by a small
+    coefficient (e.g. 0.01) and adds it to the Bradley-Terry loss.
+
+    Returns:
+        Per-pair values, shape [B].
+    """
+    return (r_chosen + r_rejected) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPO family
+# ---------------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct Preference Optimization loss (Rafailov et al. 2023) and its variants, per pair.
+
+    Inputs are log pi(y|x) summed over the response tokens, shape [B]. With
+
+        h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+
+    (``reference_free``: the log pi_ref terms are taken as 0), the losses are
+
+        "sigmoid":  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+                    eps = label_smoothing; eps = 0 is DPO, -log sigma(beta h); eps > 0 is
+                    conservative DPO (labels flipped with probability eps).
+        "ipo":      (h - 1/(2 beta))^2                                   (IPO, Azar et al. 2023)
+        "hinge":    max(0, 1 - beta h)                                   (SLiC hinge, Zhao et al. 2023)
+
+    Implicit reward: r_hat(x, y) = beta * log(pi(y|x) / pi_ref(y|x)). The DPO gradient is
+
+        grad loss = -beta * sigma(r_hat(x, y_l) - r_hat(x, y_w)) * (grad log pi(y_w|x) - grad log pi(y_l|x))
+
+    so pairs that the implicit reward orders wrongly get more weight.
+
+    Returns:
+        (losses [B], chosen implicit rewards [B], rejected implicit rewards [B]); the implicit rewards
+        are detached (for logging: reward accuracy, margins).
+
+    Raises:
+        ValueError: for an unknown ``loss_type``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+
+    if reference_free:
+        chosen_logratios = policy_chosen_logps
+        rejected_logratios = policy_rejected_logps
+    else:
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+
+    if loss_type == "sigmoid":
+        eps = label_smoothing
+        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:  # "hinge"
+        losses = torch.relu(1.0 - beta * h)
+
+    chosen_rewards = (beta * chosen_logratios).detach()
+    rejected_rewards = (beta * rejected_logratios).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def plackett_luce_dpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    beta: float,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """DPO under the Plackett-Luce ranking model (Rafailov et al. 2023, appendix A.3), per record.
+
+    For K responses ranked tau(1) (best) ... tau(K) (worst) and r_hat(x, y) = beta log(pi(y|x)/pi_ref(y|x)):
+
+        loss = -log prod_{k=1..K} exp(r_hat(x, y_tau(k))) / sum_{j=k..K} exp(r_hat(x, y_tau(j)))
+             = -sum_{k=1..K} [ r_hat_k - log sum_{j>=k} exp(r_hat_j) ]
+
+    The last factor (k = K) is 1. For K = 2 this is -log sigma(r_hat_1 - r_hat_2) = -log sigma(beta h),
+    the DPO loss.
+
+    Args:
+        policy_logps: log pi(y|x) summed over response tokens, shape [B, K], best response first.
+        ref_logps: log pi_ref(y|x), shape [B, K].
+        beta: the KL coefficient beta.
+        mask: [B, K] bool, True for real responses; records with fewer responses are padded at the end.
+            None means all entries are real.
+
+    Returns:
+        (losses [B], implicit rewards r_hat [B, K] detached, zero at padded entries).
+    """
+    r_hat = beta * (policy_logps - ref_logps)
+    if mask is None:
+        mask = torch.ones_like(r_hat, dtype=torch.bool)
+    else:
+        mask = mask.to(torch.bool)
+    # Padded entries get a very negative *finite* score: exp(.) = 0 in the sums, and no -inf - -inf = nan
+    # in the forward or backward pass.
+    very_negative = torch.finfo(r_hat.dtype).min
+    scores = torch.where(mask, r_hat, torch.full_like(r_hat, very_negative))
+    # log sum_{j>=k} exp(r_hat_j): cumulative logsumexp over the reversed order, reversed back.
+    log_denominators = torch.logcumsumexp(scores.flip(-1), dim=-1).flip(-1)
+    log_terms = torch.where(mask, scores - log_denominators, torch.zeros_like(scores))
+    losses = -log_terms.sum(dim=-1)
+    rewards = torch.where(mask, r_hat, torch.zeros_like(r_hat)).detach()
+    return losses, rewards
+
+
+# ---------------------------------------------------------------------------------------------------
+# PPO for RLHF: masked statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over the entries where mask is set: sum(x * mask) / sum(mask).
+
+    With ``dim`` None the mean is over all masked entries (a scalar); otherwise along ``dim``. Values of x
+    at unmasked positions are ignored (even nan/inf). The mask must select at least one entry.
+    """
+    m = mask.to(torch.bool)
+    values = torch.where(m, x, torch.zeros_like(x))
+    count = m.to(x.dtype)
+    if dim is None:
+        return values.sum() / count.sum()
+    return values.sum(dim=dim) / count.sum(dim=dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of x over all masked entries (a scalar).
+
+        var = sum(mask * (x - mean)^2) / n,  n = sum(mask);  times n / (n - 1) when unbiased (Bessel).
+
+    With a single masked entry the unbiased correction is undefined; the (zero) biased variance is
+    returned.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(torch.bool).sum().to(var.dtype)
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Whiten x over the masked entries (e.g. per-batch advantage normalisation in PPO).
+
+        whiten(x) = (x - mean) / sqrt(var + 1e-8)           mean, var (unbiased) over masked entries
+
+    With ``shift_mean`` False the mean is added back: mean + (x - mean) / sqrt(var + 1e-8), i.e. only
+    the scale is normalised. Padded (unmasked) positions of the output are zero.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.to(torch.bool), out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------------
+# PPO for RLHF: KL-shaped rewards and advantages
+# ---------------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples a_t ~ pi, elementwise.
+
+    With log r = log pi_ref(a_t|s_t) - log pi(a_t|s_t) (ratio = pi_ref / pi):
+
+        "k1":  log pi - log pi_ref = -log r                unbiased, can be negative
+        "k3":  (r - 1) - log r                             unbiased, always >= 0 (Schulman 2020)
+        "abs": |log pi - log pi_ref|
+        "mse": 0.5 * (log pi - log pi_ref)^2               (k2)
+
+    Raises:
+        ValueError: for an unknown ``estimator``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+    log_ratio = logprobs - ref_logprobs  # log pi - log pi_ref
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        log_r = -log_ratio  # log(pi_ref / pi)
+        return torch.expm1(log_r) - log_r
+    if estimator == "abs":
+        return log_ratio.abs()
+    return 0.5 * log_ratio**2  # "mse"
+
+
+def _last_token_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of the last response token of each row of a right-padded mask, and whether the row has one."""
+    lengths = mask.to(torch.bool).sum(dim=-1)
+    return (lengths - 1).clamp(min=0), lengths > 0
+
+
+def per_token_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """KL-shaped per-token rewards for PPO (Ziegler et al. 2019; InstructGPT; Llama 2).
+
+    The RLHF objective E[r(x, y) - beta log(pi(y|x) / pi_ref(y|x))] is spread over the response tokens:
+
+        r_t = -beta * KL_t                     for every response token t
+        r_T += r(x, y)                         at the last response token T
+
+    with KL_t = kl_penalty(log pi(a_t|s_t), log pi_ref(a_t|s_t), estimator) and beta = ``kl_coef``.
+
+    Args:
+        scores: r(x, y), the reward-model score of each response, shape [B].
+        logprobs, ref_logprobs: per-token log-probs of the sampled tokens, shape [B, T].
+        mask: [B, T] response-token mask, contiguous ones from position 0 in each row.
+        kl_coef: beta.
+        estimator: KL estimator, see ``kl_penalty``.
+
+    Returns:
+        (rewards [B, T], kl [B, T]), both zero on padding.
+    """
+    m = mask.to(torch.bool)
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    kl = torch.where(m, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    last, has_tokens = _last_token_index(m)
+    score_at_last = torch.where(
+        has_tokens, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype)
+    )
+    rewards = rewards.scatter_add(-1, last.unsqueeze(-1), score_at_last.unsqueeze(-1))
+    return rewards, kl
+
+
+@torch.no_grad()
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016) over response tokens.
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
+        A_t     = sum_{l>=0} (gamma lambda)^l delta_{t+l} = delta_t + gamma lambda A_{t+1}
+        R_t     = A_t + V(s_t)                          (value targets, "returns")
+
+    The episode ends after the last response token: V(s_{T+1}) = 0 and A_{T+1} = 0. Computed backwards
+    over T, vectorised over B, without gradient.
+
+    Args:
+        rewards: r_t, shape [B, T] (e.g. from ``per_token_rewards``).
+        values: V(s_t), shape [B, T].
+        mask: [B, T] response-token mask, contiguous ones from position 0 in each row.
+        gamma: discount gamma.
+        lam: GAE lambda.
+
+    Returns:
+        (advantages [B, T], returns [B, T]), zero on padding.
+    """
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    values = values * m
+    T = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[..., 0])
+    next_advantage = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(T)):
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        next_advantage = (delta + gamma * lam * next_advantage) * m[..., t]
+        advantages[..., t] = next_advantage
+        next_value = values[..., t]
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------
+# PPO for RLHF: policy and value losses
+# ---------------------------------------------------------------------------------------------------
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017), averaged over response tokens.
+
+        rho_t = pi(a_t|s_t) / pi_old(a_t|s_t) = exp(log pi - log pi_old)
+        L     = -E_t[ min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t) ]
+              = masked_mean( max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) )
+
+    Returns:
+        (scalar loss, stats) with detached stats
+            "clipfrac":  fraction of response tokens where the clipped term is the active (strictly
+                         greater) term of the max, i.e. the gradient is cut off;
+            "approx_kl": masked_mean(0.5 * (log pi - log pi_old)^2).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value-function loss, averaged over response tokens.
+
+        V_clip = clip(V, V_old - eps_v, V_old + eps_v)
+        L_V    = 0.5 * E_t[ max((V - R)^2, (V_clip - R)^2) ]
+
+    Returns:
+        (scalar loss, stats) with detached stat "vf_clipfrac": fraction of response tokens where the
+        clipped term is strictly greater.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped = (values - returns) ** 2
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dimension, per position.
+
+        H(p) = -sum_i p_i log p_i = logsumexp(z) - sum_i p_i z_i,    p = softmax(z)
+
+    Entries with logit -inf (masked vocabulary) contribute 0.
+    """
+    log_p = torch.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    # p log p -> 0 as p -> 0; replace log p = -inf before the product so neither pass produces 0 * inf.
+    log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+    return -(p * log_p).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """Constant KL coefficient beta (e.g. Llama 2: 0.01 for 7B/13B, 0.005 for 34B/70B)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = float(d["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019), steering the observed KL towards a target.
+
+    e_t    = clip(KL_t / KL_target - 1, -0.2, 0.2)
+    beta  <- beta * (1 + K_beta e_t),   K_beta = n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if target <= 0:
+            raise ValueError(f"target KL must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Apply one update after ``n_steps`` samples with mean KL ``current_kl``."""
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = float(d["value"])
+        self.target = float(d.get("target", self.target))
+        self.horizon = int(d.get("horizon", self.horizon))
