@@ -139,7 +139,8 @@ def _not_implemented(stage: str) -> None:
 @app.command(
     epilog="Examples:\n\n"
     "  align sft --recipe recipes/sft-tiny.yaml\n\n"
-    "  align sft -m examples/models/tiny -d examples/data/alpaca.jsonl --set training.lr=1e-3 --max-steps 50\n\n"
+    "  align sft -m examples/models/tiny -d examples/data/alpaca.jsonl \\\n\n"
+    "      --set training.lr=1e-3 --max-steps 50\n\n"
     "  align sft -r recipes/sft-tiny.yaml -o runs/sft-a --resume",
 )
 def sft(

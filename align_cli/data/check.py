@@ -44,9 +44,8 @@ def check_file(source: str, recipe: Recipe, console: Console) -> None:
     d = recipe.data
     records = load_records(source, d.format, hub_split=d.hub_split)
     kinds = Counter(r.kind for r in records)
-    console.print(
-        f"[green]ok[/] {source}: {len(records)} valid records ({', '.join(f'{n} {k}' for k, n in kinds.items())})"
-    )
+    by_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    console.print(f"[green]ok[/] {source}: {len(records)} valid records ({by_kind})")
     if not recipe.model.name_or_path:
         console.print("(give --model or a recipe with model.name_or_path for token-length statistics)")
         return

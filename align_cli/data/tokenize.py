@@ -34,6 +34,11 @@ class DataStats:
         return f"{self.read} read, {self.kept} kept, {self.truncated} truncated, dropped: {drops}"
 
 
+def segment_ids(piece: str | list[int], tokenizer: Any) -> list[int]:
+    """Token ids of one segment: literal ids as given, text tokenized without added specials."""
+    return piece if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+
 def encode_segments(segments: list[Segment], tokenizer: Any) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where not trainable), segment by segment.
 
@@ -41,9 +46,7 @@ def encode_segments(segments: list[Segment], tokenizer: Any) -> tuple[list[int],
     ids: list[int] = []
     labels: list[int] = []
     for piece, trainable in segments:
-        piece_ids = (
-            piece if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
-        )
+        piece_ids = segment_ids(piece, tokenizer)
         ids.extend(piece_ids)
         labels.extend(piece_ids if trainable else [IGNORE_INDEX] * len(piece_ids))
     bos = tokenizer.bos_token_id

@@ -86,7 +86,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainingSection) -> torch.optim.O
         return bnb.optim.AdamW8bit(groups, **kwargs)
     if not torch.cuda.is_available():
         raise ValueError(
-            "training.optimizer: paged_adamw_8bit pages optimizer state to CPU and needs a GPU; use adamw_8bit"
+            "training.optimizer: paged_adamw_8bit pages optimizer state between GPU and CPU and needs "
+            "a GPU; use adamw_8bit"
         )
     return bnb.optim.PagedAdamW8bit(groups, **kwargs)
 
