@@ -76,8 +76,11 @@ def _setup_logging() -> None:
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)]
     )
-    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -205,6 +208,7 @@ def init_model(
     from align_cli.presets import PRESETS
     from align_cli.presets import init_model as build
 
+    _setup_logging()
     if preset not in PRESETS:
         _fail(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     texts = None
@@ -234,6 +238,7 @@ def data_check(
     from align_cli.data.formats import DataError
     from align_cli.models import ModelError
 
+    _setup_logging()
     try:
         parsed = load_recipe(recipe, {"model.name_or_path": model, "data.max_length": max_length}, set_)
         check_file(file, parsed, console)

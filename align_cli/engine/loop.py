@@ -236,7 +236,7 @@ class Trainer:
         model.train()
         started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
-        first_loss = None
+        first_loss, total_tokens = None, 0
         progress = Progress(
             TextColumn(f"[bold]{spec.name}"),
             BarColumn(),
@@ -261,6 +261,7 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
                     window_tokens += row["tokens"]
+                    total_tokens += row["tokens"]
                     first_loss = row["loss"] if first_loss is None else first_loss
                     if step % t.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
@@ -302,5 +303,6 @@ class Trainer:
             "metrics": metrics,
             "final_eval": final_eval,
             "elapsed_s": elapsed,
+            "tokens_per_s": total_tokens / max(elapsed, 1e-9),
             "last_checkpoint_step": last_saved,
         }

@@ -100,9 +100,7 @@ def finish_run(
         "last_loss": last.get("loss"),
         **{k: v for k, v in result["final_eval"].items()},
         "elapsed_s": result["elapsed_s"],
-        "tokens_per_s_mean": (sum(metrics.series("tokens")) / max(result["elapsed_s"], 1e-9))
-        if metrics
-        else None,
+        "tokens_per_s": result["tokens_per_s"],
         "peak_memory_mb": peak_memory_mb(),
         "parameters_trainable": trainable,
         "parameters_total": total,
@@ -118,7 +116,7 @@ def finish_run(
             ("first loss", summary["first_loss"]),
             ("last loss", summary["last_loss"]),
             *[(k, v) for k, v in result["final_eval"].items()],
-            ("tokens/s (mean)", summary["tokens_per_s_mean"]),
+            ("tokens/s (train)", summary["tokens_per_s"]),
             ("peak memory (MB)", summary["peak_memory_mb"]),
             ("trainable / total params", f"{trainable:,} / {total:,}"),
             ("examples", train_stats.describe()),
