@@ -163,3 +163,14 @@ def test_packing_matches_padding(tiny_model: Path, tmp_path: Path, runs_dir: Pat
         console=quiet_console(),
     )
     assert step_losses(tmp_path / "pack") == pytest.approx(step_losses(tmp_path / "pad"), rel=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model: Path, tmp_path: Path, runs_dir: Path):
+    sets = ["training.max_steps=3", "training.lr=1e-3", "training.micro_batch_size=4"]
+    data = EXAMPLES / "alpaca.jsonl"
+    run_sft(make_recipe("sft", tiny_model, data, tmp_path / "plain", sets), console=quiet_console())
+    run_sft(
+        make_recipe("sft", tiny_model, data, tmp_path / "ckpt", sets + ["model.gradient_checkpointing=true"]),
+        console=quiet_console(),
+    )
+    assert step_losses(tmp_path / "ckpt") == pytest.approx(step_losses(tmp_path / "plain"), rel=1e-5)

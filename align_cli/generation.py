@@ -1,0 +1,119 @@
+"""Batched sampling with a KV cache, shared by rejection sampling, PPO and evaluation.
+
+Prompts are left-padded (decoder-only models continue from the last real token), the N samples of a
+prompt are generated together (``num_return_sequences``), and every batch is seeded from
+(seed, batch index), so a rerun with the same seed and batch size gives the same samples. vLLM is
+used when it is installed and a GPU is present (``backend="auto"``); plain transformers otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    prompts_per_batch: int = 8  # prompts per generate call (each with its n samples)
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # up to and including the stop token when one was emitted
+    finished: bool  # True when a stop token ended the response (False: hit max_new_tokens)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus a chat template's end-of-turn token when the tokenizer has one."""
+    ids = [tokenizer.eos_token_id]
+    for marker in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids and token >= 0:
+            ids.append(token)
+    return ids
+
+
+def choose_backend(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(
+    model: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams, progress: Any = None
+) -> list[Sample]:
+    """Sample ``params.n`` responses for every prompt (token ids); ordered by prompt, then sample.
+
+    ``progress`` (optional) is called with the number of samples finished after each batch."""
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[Sample] = []
+    for batch_index, start in enumerate(range(0, len(prompts), params.prompts_per_batch)):
+        chunk = prompts[start : start + params.prompts_per_batch]
+        ids, mask = left_pad(chunk, pad, device)
+        torch.manual_seed(params.seed * 1_000_003 + batch_index)
+        greedy = params.temperature <= 0
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else params.top_k,
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            use_cache=True,
+        )
+        new = generated[:, ids.shape[1] :].tolist()
+        for row, tokens in enumerate(new):
+            prompt_row = row // params.n
+            cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+            out.append(
+                Sample(
+                    prompt_index=start + prompt_row,
+                    sample_index=row % params.n,
+                    prompt_ids=chunk[prompt_row],
+                    response_ids=tokens[:cut] if cut else tokens,
+                    finished=cut is not None,
+                )
+            )
+        if progress is not None:
+            progress(len(new))
+    model.train(was_training)
+    return out
