@@ -99,7 +99,9 @@ def _run_stage(
     resume: bool,
     seed: int | None,
     max_steps: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
+    """Flags -> recipe overrides; run the stage; known errors become one red line and exit code 2."""
     from align_cli.data.formats import DataError
     from align_cli.data.templates import TemplateError
     from align_cli.engine.checkpoint import CheckpointError
@@ -114,6 +116,7 @@ def _run_stage(
         "output.dir": str(out) if out else None,
         "training.seed": seed,
         "training.max_steps": max_steps,
+        **(extra or {}),
     }
     try:
         parsed = load_recipe(recipe, overrides, sets, stage=stage)
@@ -179,9 +182,182 @@ def _placeholder(stage: str, summary: str) -> None:
     app.command(name=stage)(command)
 
 
-_placeholder("reward", "Train a reward model on pairwise, rated or ranked preferences.")
-_placeholder("dpo", "Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce).")
-_placeholder("rejection-sample", "Best-of-N sampling scored by a reward model, and its fine-tuning rounds.")
+reward_app = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False)
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.callback(
+    invoke_without_command=True,
+    epilog="Examples:\n\n"
+    "  align reward --recipe recipes/reward-tiny.yaml\n\n"
+    "  align reward -d examples/data/prefs.jsonl      (starts from the last `align sft` output)\n\n"
+    "  align reward -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (K-way rankings)\n\n"
+    "  align reward -r recipes/reward-tiny.yaml --set reward.use_margin=false \\\n\n"
+    "      --set reward.center_coef=0.01\n\n"
+    "  align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl",
+)
+def reward(
+    ctx: typer.Context,
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+) -> None:
+    """Train a reward model on pairwise, rated or ranked preferences; `align reward score` applies one.
+
+    Pairs (prompt/chosen/rejected, or HH-style conversations) with an optional Llama 2 margin or rating,
+    and rankings (prompt + responses best first, or with scores; all C(K,2) pairs, one forward pass per
+    response). Defaults as Llama 2: 1 epoch, lr 1e-5, cosine to 10%, warmup 3% (at least 5 steps)."""
+    if ctx.invoked_subcommand is not None:
+        if recipe or model or data or out or set_ or resume or seed is not None or max_steps is not None:
+            _fail(f"`align reward {ctx.invoked_subcommand}` takes its own flags, after its name")
+        return
+    from align_cli.stages.reward import run_reward
+
+    _run_stage("reward", run_reward, recipe, model, data, out, set_, resume, seed, max_steps)
+
+
+@reward_app.command(
+    "score",
+    epilog="Examples:\n\n"
+    "  align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl\n\n"
+    "  align reward score --data examples/data/ranked.jsonl | head -3      (the last reward model; stdout)",
+)
+def reward_score(
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="JSONL: pairs, rankings, prompt/completion or messages.")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Reward model directory; default: the last `align reward` output."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="JSONL file to write; default: stdout.", show_default=False),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", help="auto, alpaca, chat or plain; default: what the model was trained with."
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", help="Token limit; default: what the model was trained with."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
+) -> None:
+    """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
+    from align_cli.data.formats import DataError
+    from align_cli.data.templates import TemplateError
+    from align_cli.models import ModelError
+    from align_cli.stages.reward import run_score
+
+    _setup_logging()
+    if template is not None and template not in ("auto", "alpaca", "chat", "plain"):
+        _fail(f"--template {template!r}: choose one of auto, alpaca, chat, plain")
+    try:
+        run_score(model, data, out, template, max_length, batch_size)
+    except (RecipeError, DataError, TemplateError, ModelError) as exc:
+        _fail(str(exc))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align dpo --data examples/data/prefs.jsonl      (policy and reference: the last sft output)\n\n"
+    "  align dpo --recipe recipes/dpo-tiny.yaml --set dpo.beta=0.5 --set dpo.loss_type=ipo\n\n"
+    "  align dpo -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (Plackett-Luce rankings)\n\n"
+    "  align dpo -r recipes/dpo-tiny.yaml --set dpo.reference_cache=false      (live reference model)\n\n"
+    "  align sft -m MODEL -d examples/data/prefs.jsonl      (Preferred-FT baseline: SFT on the chosen)",
+)
+def dpo(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+) -> None:
+    """Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce) on pairs or rankings."""
+    from align_cli.stages.dpo import run_dpo
+
+    _run_stage("dpo", run_dpo, recipe, model, data, out, set_, resume, seed, max_steps)
+
+
+@app.command(
+    "rejection-sample",
+    epilog="Examples:\n\n"
+    "  align rejection-sample --n 16 --prompts examples/data/prompts.jsonl      (last sft + last reward)\n\n"
+    "  align rejection-sample -r recipes/rejection-tiny.yaml --rounds 2 --then sft\n\n"
+    "  align rejection-sample -m runs/sft/final --reward-model runs/reward/final --prompts p.jsonl \\\n\n"
+    "      --set rejection.select=top_k --set rejection.keep=2",
+)
+def rejection_sample(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Samples per prompt (rejection.n).", show_default=False)
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="Prompt JSONL (rejection.prompts).", show_default=False)
+    ] = None,
+    reward_model: Annotated[
+        str | None,
+        typer.Option(
+            "--reward-model",
+            help="Reward model (default: the last `align reward` output).",
+            show_default=False,
+        ),
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Sample/select rounds.", show_default=False)
+    ] = None,
+    then: Annotated[
+        str | None, typer.Option("--then", help="'sft': fine-tune on the selected samples after each round.")
+    ] = None,
+) -> None:
+    """Best-of-N (Llama 2 rejection sampling): sample N per prompt, score, keep the best, optionally SFT.
+
+    Writes samples.jsonl (every sample and its reward), best.jsonl (SFT-ready), pairs.jsonl (best vs
+    worst, ready for `align dpo` / `align reward`) and a table of reward by N with the analytic KL."""
+    from align_cli.stages.rejection_sampling import run_rejection_sampling
+
+    extra = {
+        "rejection.n": n,
+        "rejection.prompts": prompts,
+        "rejection.reward_model": reward_model,
+        "rejection.rounds": rounds,
+        "rejection.then": then,
+    }
+    _run_stage(
+        "rejection-sample",
+        run_rejection_sampling,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        resume,
+        seed,
+        max_steps,
+        extra,
+    )
+
+
 _placeholder("ppo", "RLHF with PPO: per-token KL penalty, value head, GAE, PPO-ptx.")
 
 

@@ -117,3 +117,34 @@ def sample(
             progress(len(new))
     model.train(was_training)
     return out
+
+
+def sample_vllm(
+    model_dir: str, tokenizer: Any, prompts: list[list[int]], params: SamplingParams
+) -> list[Sample]:
+    """The same contract as ``sample`` on vLLM (chosen automatically when installed and a GPU is present).
+
+    Not exercised by this project's CI, which has no GPU; the transformers path is the reference."""
+    from vllm import LLM
+    from vllm import SamplingParams as VllmParams
+
+    stops = stop_token_ids(tokenizer)
+    llm = LLM(model=model_dir, seed=params.seed)
+    greedy = params.temperature <= 0
+    vllm_params = VllmParams(
+        n=params.n,
+        temperature=0.0 if greedy else params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1,
+        max_tokens=params.max_new_tokens,
+        stop_token_ids=stops,
+        seed=params.seed,
+    )
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], vllm_params)
+    samples = []
+    for index, output in enumerate(outputs):
+        for k, completion in enumerate(output.outputs):
+            tokens = list(completion.token_ids)
+            finished = bool(tokens) and tokens[-1] in stops
+            samples.append(Sample(index, k, prompts[index], tokens, finished))
+    return samples

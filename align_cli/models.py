@@ -55,10 +55,19 @@ def load_causal_lm(section: ModelSection) -> nn.Module:
         raise ModelError(f"model {section.name_or_path!r}: could not load: {exc}") from exc
     model.config.use_cache = False  # training never reuses past keys; generation turns it back on
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if section.lora.enabled:
         model = apply_lora(model, section.lora)
     return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (transformers 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_lora(model: nn.Module, lora: LoraSection, task_type: str = "CAUSAL_LM") -> nn.Module:
@@ -121,3 +130,72 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     targets = labels[:, 1:][targets_mask]
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     return logps, sequence_index(batch)[:, 1:][targets_mask]
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def load_reward_model(section: ModelSection, pad_token_id: int, head_init: str = "normal") -> nn.Module:
+    """A reward model: the language model with its LM head replaced by a scalar head (InstructGPT,
+    Llama 2), as ``AutoModelForSequenceClassification`` with one label, so ``from_pretrained`` loads it
+    back with its head. A head missing from the checkpoint is initialised by ``head_init``: "normal"
+    (std 1/sqrt(hidden + 1)) or "zeros"; a saved reward model keeps its trained head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    kwargs = _hub_kwargs(section) | {"dtype": DTYPES[section.dtype], "use_safetensors": True, "num_labels": 1}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the dropped LM head and the new head
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            section.name_or_path, output_loading_info=True, **kwargs
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model {section.name_or_path!r}: could not load as a reward model: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = score_head(model)
+    # HF's own pooling reads the last token that is not pad_token_id; reward_scores reads last_index
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    if any(key.startswith("score.") for key in info["missing_keys"]):
+        with torch.no_grad():
+            if head_init == "zeros":
+                head.weight.zero_()
+            else:
+                head.weight.normal_(0.0, 1.0 / (head.weight.shape[-1] + 1) ** 0.5)
+            if head.bias is not None:
+                head.bias.zero_()
+        log.info("reward model: new scalar head (%s init) on %s", head_init, section.name_or_path)
+    if section.gradient_checkpointing:
+        enable_checkpointing(model)
+    if section.lora.enabled:  # SEQ_CLS keeps the score head fully trainable (peft modules_to_save)
+        model = apply_lora(model, section.lora, task_type="SEQ_CLS")
+    return model
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model (``score``), under any wrapper (DDP, peft)."""
+    heads = [(name, m) for name, m in model.named_modules() if name.split(".")[-1] == "score"]
+    if not heads:
+        raise ModelError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
+    return min(heads, key=lambda item: item[0].count("."))[1]
+
+
+def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """r(x, y) of every row: the scalar head read at the row's final token ``batch["last_index"]``.
+
+    The head's per-position output is captured with a forward hook, so the model still runs through
+    its wrappers (DDP, autocast, peft) and HF's pad-id guess is never used (it picks the wrong token
+    when the pad token is EOS and responses end with EOS). Returns float32 scores, shape [R]."""
+    captured: list[torch.Tensor] = []
+    handle = score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    per_position = captured[-1]  # [R, T, 1]
+    rows = torch.arange(per_position.shape[0], device=per_position.device)
+    return per_position[rows, batch["last_index"], 0].float()

@@ -100,6 +100,95 @@ class SFTSection:
     pass
 
 
+# Llama 2's "small" margin table m(rating); its large one is {3, 2, 1, 0}
+LLAMA2_SMALL_MARGINS = {
+    "significantly_better": 1.0,
+    "better": 0.667,
+    "slightly_better": 0.333,
+    "negligibly_better": 0.0,
+    "unsure": 0.0,
+}
+
+
+@dataclass
+class RewardSection:
+    # Llama 2 margin: loss -log sigma(r_c - r_r - m); m is a record's `margin`, else margins[its rating]
+    use_margin: bool = True
+    margins: dict[str, float] = field(default_factory=lambda: dict(LLAMA2_SMALL_MARGINS))
+    center_coef: float = 0.0  # reward centering: + coef * (r_c + r_r)^2 per pair (e.g. 0.01)
+    # init of a newly added scalar head: normal(0, 1/sqrt(hidden + 1)) or zeros (all rewards start at 0)
+    head: str = choices("normal", "zeros", default="normal")
+
+
+@dataclass
+class DPOSection:
+    beta: float = 0.1  # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5)
+    loss_type: str = choices("sigmoid", "ipo", "hinge", default="sigmoid")
+    label_smoothing: float = 0.0  # conservative DPO: probability that a preference label is wrong
+    reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
+    # true: reference log-probs computed once before training and cached on disk (no reference model in
+    # memory while training); false: a live reference model scores every batch
+    reference_cache: bool = True
+    reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
+
+
+@dataclass
+class RejectionSection:
+    reward_model: str | None = None  # default: the last `align reward` output
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    max_prompts: int | None = None
+    n: int = 16  # samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prompts_per_batch: int = 8  # prompts per generate call, each with its n samples
+    score_batch_size: int = 32
+    # best: the top sample per prompt (Llama 2); top_k: the `keep` best; threshold: every sample >= threshold
+    select: str = choices("best", "top_k", "threshold", default="best")
+    keep: int = 1
+    threshold: float | None = None
+    rounds: int = 1
+    then: str = choices("none", "sft", default="none")  # fine-tune on the selected samples after each round
+    keep_previous_best: bool = True  # Llama 2: a prompt keeps its best sample over all rounds
+    eval_n: int = 4  # samples per prompt used to measure the fine-tuned policy's mean reward
+    backend: str = choices("auto", "transformers", "vllm", default="auto")
+
+
+@dataclass
+class PPOSection:
+    reward_model: str | None = None  # default: the last `align reward` output
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    # value model: a copy of the reward model (InstructGPT) or a scalar head on the policy's last hidden state
+    value_model: str = choices("reward_model", "policy_head", default="reward_model")
+    iterations: int = 20  # rollout + update rounds (training.max_steps overrides)
+    rollout_batch_size: int = 16  # prompts per iteration, one response each
+    mini_batch_size: int = 8  # one optimizer step per mini-batch (Llama 2: 512 / 64)
+    ppo_epochs: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.05  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
+    kl_estimator: str = choices("k1", "k3", default="k1")
+    adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    score_norm: bool = False  # standardise scores within each rollout batch
+    score_clip: float | None = None  # clip scores to [-c, c]
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
+    ptx_data: str | None = None  # PPO-ptx: SFT/pretraining JSONL mixed into every update
+    ptx_coef: float = 0.0  # gamma of PPO-ptx (InstructGPT 27.8, on per-token mean NLL)
+    ptx_batch_size: int = 8
+    log_samples: int = 4  # generations per iteration written to samples.jsonl
+
+
 @dataclass
 class Recipe:
     stage: str | None = None
@@ -108,6 +197,10 @@ class Recipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    rejection: RejectionSection = field(default_factory=RejectionSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,6 +217,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[0])} to {_type_name(typing.get_args(tp)[1])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -147,6 +242,15 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
             return None
         return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:  # a whole table: the recipe's mapping replaces the default one
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            return None
+        key_tp, value_tp = typing.get_args(tp)
+        return {
+            _coerce(k, key_tp, f"{where}", errors): _coerce(v, value_tp, f"{where}.{k}", errors)
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a mapping (section), got {value!r}")
@@ -212,6 +316,31 @@ def _apply(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
     node[dotted[-1]] = value
 
 
+# Per-stage defaults under the recipe file, flags and --set (which all win over them); the run's saved
+# recipe.yaml shows the resolved values.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Llama 2 reward models: 1 epoch (more overfits), lr 1e-5, cosine to 10%, warmup 3% (>= 5 steps)
+    "reward": {
+        "training": {
+            "epochs": 1.0,
+            "lr": 1e-5,
+            "scheduler": "cosine",
+            "min_lr_ratio": 0.1,
+            "warmup_ratio": 0.03,
+            "warmup_steps": 5,
+        }
+    },
+}
+
+
+def _with_defaults(defaults: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in tree.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _with_defaults(merged[key], value) if both else value
+    return merged
+
+
 def load_recipe(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -242,6 +371,8 @@ def load_recipe(
         if tree.get("stage") not in (None, stage):
             raise RecipeError(f"recipe is for stage {tree['stage']!r}, not {stage!r}")
         tree["stage"] = stage
+    stage_name = tree.get("stage")
+    tree = _with_defaults(STAGE_DEFAULTS.get(stage_name, {}) if isinstance(stage_name, str) else {}, tree)
     errors: list[str] = []
     recipe = _build(Recipe, tree, "", errors)
     errors += _check_values(recipe)
@@ -274,4 +405,10 @@ def _check_values(r: Recipe) -> list[str]:
         errors.append(f"training.adam_betas: expected two numbers, got {t.adam_betas}")
     if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
         errors.append("data.max_prompt_length: must be smaller than data.max_length")
+    if r.reward.center_coef is not None and r.reward.center_coef < 0:
+        errors.append(f"reward.center_coef: must be >= 0, got {r.reward.center_coef}")
+    if r.dpo.beta is not None and r.dpo.beta <= 0:
+        errors.append(f"dpo.beta: must be > 0, got {r.dpo.beta}")
+    if r.dpo.label_smoothing is not None and not 0.0 <= r.dpo.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing: must be in [0, 0.5), got {r.dpo.label_smoothing}")
     return errors

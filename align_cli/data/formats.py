@@ -17,6 +17,8 @@ MAX_REPORTED_ERRORS = 20
 ROLES = ("system", "user", "assistant")
 KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked")
 SFT_KINDS = ("alpaca", "prompt_completion", "messages", "text")
+# `align sft` also takes preference records: Preferred-FT, SFT on prompt + chosen (best) response
+PREFERRED_FT_KINDS = ("preference", "ranked")
 
 
 class DataError(ValueError):

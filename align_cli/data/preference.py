@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from align_cli.data.formats import DataError, Record
-from align_cli.data.templates import TemplateError, _chat, render_prompt, response_segments
+from align_cli.data.templates import Segment, TemplateError, _chat, render_prompt, response_segments
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids
 
 
@@ -63,6 +63,24 @@ def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> 
         return segment_ids(full[len(before) :], tokenizer)
     segments = response_segments(response, template, tokenizer)
     return [t for piece, _ in segments for t in segment_ids(piece, tokenizer)]
+
+
+def chosen_segments(record: Record, template: str, tokenizer: Any) -> list[Segment]:
+    """Preferred-FT (the DPO paper's baseline): a preference or ranked record as an SFT example, the
+    prompt (not trained) followed by the chosen / best response, with the same template as DPO."""
+    prompt, responses = ranked_responses(record)
+    if template == "auto":
+        template = "chat" if isinstance(prompt, list) else "plain"
+    prompt_text = render_prompt(prompt, template, tokenizer)
+    best = responses[0]
+    if isinstance(best, list):  # chat messages continuing the prompt: the text after the generation prompt
+        prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        before = _chat(tokenizer, prompt_msgs, add_generation_prompt=True)
+        full = _chat(tokenizer, prompt_msgs + best, add_generation_prompt=False)
+        if not full.startswith(before):
+            raise TemplateError("the chat template is not prefix-stable; cannot separate prompt and response")
+        return [(prompt_text, False), (full[len(before) :], True)]
+    return [(prompt_text, False), *response_segments(best, template, tokenizer)]
 
 
 def encode_preference(

@@ -77,9 +77,13 @@ def tokenize_sft(
     examples = []
     for record in records:
         stats.read += 1
-        ids, labels = encode_segments(
-            render_sft_record(record.kind, record.fields, template, tokenizer), tokenizer
-        )
+        if record.kind in ("preference", "ranked"):  # Preferred-FT: SFT on prompt + chosen
+            from align_cli.data.preference import chosen_segments  # (preference.py imports this module)
+
+            segments = chosen_segments(record, template, tokenizer)
+        else:
+            segments = render_sft_record(record.kind, record.fields, template, tokenizer)
+        ids, labels = encode_segments(segments, tokenizer)
         truncated = len(ids) > max_length
         fitted = fit_sft(ids, labels, max_length, on_too_long)
         if isinstance(fitted, str):

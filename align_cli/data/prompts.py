@@ -1,0 +1,76 @@
+"""Prompts to sample from: prompt JSONL, Alpaca instruction/input, chat messages or preference files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from align_cli.data.formats import DataError, read_hub, read_jsonl, validate_messages
+from align_cli.data.templates import alpaca_prompt, render_prompt
+from align_cli.data.tokenize import encode_segments
+
+
+@dataclass
+class Prompt:
+    where: str  # file:line
+    prompt: str | list[dict]  # text, or chat messages ending with a user turn
+    instruction: str | None = None  # Alpaca prompts keep their parts, for SFT-ready outputs
+    input: str = ""
+
+    def text(self, template: str, tokenizer: Any) -> str:
+        if self.instruction is not None and template in ("auto", "alpaca"):
+            return alpaca_prompt(self.instruction, self.input)
+        return render_prompt(self.prompt, "plain" if template == "auto" else template, tokenizer)
+
+    def ids(self, template: str, tokenizer: Any) -> list[int]:
+        return encode_segments([(self.text(template, tokenizer), False)], tokenizer)[0]
+
+
+def _parse(obj: Any, where: str) -> Prompt | str:
+    """A Prompt, or the problem with the record."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if "instruction" in obj:
+        instruction, input_text = obj.get("instruction"), obj.get("input") or ""
+        if not isinstance(instruction, str) or not instruction.strip():
+            return "instruction: missing or empty"
+        if not isinstance(input_text, str):
+            return "input: expected a string"
+        return Prompt(where, f"{instruction}\n\n{input_text}".strip(), instruction, input_text)
+    if "messages" in obj:
+        messages = obj["messages"]
+        problems = validate_messages(messages, need_assistant_last=False)
+        if problems:
+            return problems[0]
+        while messages and messages[-1]["role"] == "assistant":  # sample a fresh final reply
+            messages = messages[:-1]
+        return Prompt(where, messages)
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list):
+        problems = validate_messages(prompt, "prompt", need_assistant_last=False)
+        return problems[0] if problems else Prompt(where, prompt)
+    if prompt is None:
+        return "prompt: missing (expected prompt, instruction/input or messages)"
+    if not isinstance(prompt, str):
+        return f"prompt: expected a string, got {type(prompt).__name__}"
+    if not prompt.strip():
+        return "prompt: empty"
+    return Prompt(where, prompt)
+
+
+def load_prompts(source: str, hub_split: str = "train", limit: int | None = None) -> list[Prompt]:
+    """Every prompt of a file; all bad lines are reported together with file and line."""
+    from pathlib import Path
+
+    is_file = source.endswith((".jsonl", ".json")) or Path(source).exists()
+    rows = read_jsonl(source) if is_file else read_hub(source, hub_split)
+    prompts, errors = [], []
+    for line, obj in rows:
+        parsed = _parse(obj, f"{source}:{line}")
+        if isinstance(parsed, str):
+            errors.append(f"{source}:{line}: {parsed}")
+        else:
+            prompts.append(parsed)
+    if errors:
+        raise DataError(f"{source}: {len(errors)} bad prompt(s):\n  " + "\n  ".join(errors[:20]))
+    return prompts[:limit] if limit else prompts

@@ -1,0 +1,344 @@
+"""Rejection sampling / best-of-N (Llama 2).
+
+Sample N responses per prompt from the policy, score each with the reward model, keep the best, and
+optionally fine-tune on them (SFT) and repeat over rounds, each round starting from the last round's
+model. Selecting the best of N samples moves the output distribution away from the sampling policy
+by at most
+
+    KL(best-of-N || pi) = log N - (N - 1) / N
+
+while the expected reward of the best sample grows with N: the gap between the best and the mean
+of N is the headroom rejection sampling exploits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from align_cli.data.prompts import Prompt, load_prompts
+from align_cli.engine.metrics import fmt
+from align_cli.engine.session import open_run
+from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm
+from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
+from align_cli.recipe import ModelSection, Recipe, RecipeError
+from align_cli.runs import last_output, record_output, write_summary
+from align_cli.scoring import score
+
+
+def best_of_n_kl(n: int) -> float:
+    """Analytic KL of best-of-n selection from the sampling policy: log n - (n - 1) / n."""
+    return math.log(n) - (n - 1) / n
+
+
+# ----------------------------------------------------------------------------- selection and tables
+
+
+def select(rewards: list[float], how: str, keep: int, threshold: float | None) -> list[int]:
+    """Indices of the samples of one prompt that are kept, best first."""
+    order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+    if how == "best":
+        return order[:1]
+    if how == "top_k":
+        return order[:keep]
+    return [i for i in order if rewards[i] >= threshold]
+
+
+def best_of_n_table(per_prompt: list[list[float]]) -> list[dict[str, float]]:
+    """For k = 1, 2, 4, ..., N: mean over prompts of the first sample, the mean of k and the best of k."""
+    n = min(len(r) for r in per_prompt)
+    ks = sorted({1, *[2**i for i in range(1, int(math.log2(n)) + 1)], n})
+    rows = []
+    for k in ks:
+        mean_k = [sum(r[:k]) / k for r in per_prompt]
+        best_k = [max(r[:k]) for r in per_prompt]
+        rows.append(
+            {
+                "n": k,
+                "reward_sample_1": sum(r[0] for r in per_prompt) / len(per_prompt),
+                "reward_mean_of_n": sum(mean_k) / len(mean_k),
+                "reward_best_of_n": sum(best_k) / len(best_k),
+                "gain_per_prompt": sum(b - m for b, m in zip(best_k, mean_k)) / len(best_k),
+                "kl_analytic": best_of_n_kl(k),
+            }
+        )
+    return rows
+
+
+def print_round_table(title: str, rows: list[dict[str, float]], console: Console) -> None:
+    table = Table(title=title)
+    for column in ("N", "reward: sample 1", "mean of N", "best of N", "gain per prompt", "KL log N-(N-1)/N"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["n"]),
+            *[
+                fmt(r[k])
+                for k in (
+                    "reward_sample_1",
+                    "reward_mean_of_n",
+                    "reward_best_of_n",
+                    "gain_per_prompt",
+                    "kl_analytic",
+                )
+            ],
+        )
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- one round
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def sft_record(prompt: Prompt, response: str) -> dict[str, Any]:
+    """An SFT-ready record: Alpaca when the prompt came from one, else prompt/completion (or chat)."""
+    if prompt.instruction is not None:
+        return {"instruction": prompt.instruction, "input": prompt.input, "output": response}
+    if isinstance(prompt.prompt, list):
+        return {"messages": [*prompt.prompt, {"role": "assistant", "content": response}]}
+    return {"prompt": prompt.prompt, "completion": response}
+
+
+def sample_and_score(
+    policy_dir: str,
+    scorer: Any,
+    scorer_tok: Any,
+    prompts: list[Prompt],
+    recipe: Recipe,
+    seed: int,
+    n: int,
+    backend: str,
+    console: Console,
+) -> tuple[list[Sample], list[str], list[float]]:
+    """Sample n responses per prompt from the policy in ``policy_dir`` and score them."""
+    rs, template = recipe.rejection, recipe.data.template
+    policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    params = SamplingParams(
+        n=n,
+        max_new_tokens=rs.max_new_tokens,
+        temperature=rs.temperature,
+        top_p=rs.top_p,
+        top_k=rs.top_k,
+        seed=seed,
+        prompts_per_batch=rs.prompts_per_batch,
+    )
+    prompt_ids = [p.ids(template, policy_tok) for p in prompts]
+    columns = (
+        TextColumn("[bold]sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} samples/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sample", total=len(prompts) * n, rate="-")
+        started = time.perf_counter()
+
+        def advance(done: int) -> None:
+            progress.advance(task, done)
+            finished = progress.tasks[0].completed
+            progress.update(task, rate=f"{finished / (time.perf_counter() - started):.1f}")
+
+        if backend == "vllm":
+            samples = sample_vllm(policy_dir, policy_tok, prompt_ids, params)
+            advance(len(samples))
+        else:
+            policy = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype))
+            samples = sample(policy, policy_tok, prompt_ids, params, progress=advance)
+            del policy
+    texts = [policy_tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    prompt_texts = [prompts[s.prompt_index].text(template, scorer_tok) for s in samples]
+    rewards = score(scorer, scorer_tok, prompt_texts, texts, template, rs.score_batch_size)
+    return samples, texts, rewards
+
+
+def run_round(
+    round_dir: Path,
+    policy_dir: str,
+    scorer: Any,
+    scorer_tok: Any,
+    prompts: list[Prompt],
+    recipe: Recipe,
+    seed: int,
+    best_so_far: dict[int, tuple[float, str]],
+    backend: str,
+    console: Console,
+) -> dict:
+    """Sample, score, select; write samples.jsonl, best.jsonl and pairs.jsonl; return the round's figures."""
+    rs = recipe.rejection
+    samples, texts, rewards = sample_and_score(
+        policy_dir, scorer, scorer_tok, prompts, recipe, seed, rs.n, backend, console
+    )
+    round_dir.mkdir(parents=True, exist_ok=True)
+    per_prompt: list[list[int]] = [[] for _ in prompts]
+    for i, s in enumerate(samples):
+        per_prompt[s.prompt_index].append(i)
+    _write_jsonl(
+        round_dir / "samples.jsonl",
+        [
+            {
+                "prompt_id": s.prompt_index,
+                "sample_index": s.sample_index,
+                "seed": seed,
+                "prompt": prompts[s.prompt_index].prompt,
+                "response": texts[i],
+                "reward": rewards[i],
+                "finished": s.finished,
+            }
+            for i, s in enumerate(samples)
+        ],
+    )
+    best_rows, pair_rows, no_selection = [], [], 0
+    for p, idx in enumerate(per_prompt):
+        prompt_rewards = [rewards[i] for i in idx]
+        chosen = select(prompt_rewards, rs.select, rs.keep, rs.threshold)
+        if rs.keep_previous_best and chosen:
+            top = idx[chosen[0]]
+            if p not in best_so_far or rewards[top] > best_so_far[p][0]:
+                best_so_far[p] = (rewards[top], texts[top])
+            if rs.select == "best":  # Llama 2: train on the best sample seen so far for this prompt
+                best_rows.append(sft_record(prompts[p], best_so_far[p][1]) | {"reward": best_so_far[p][0]})
+                chosen = []
+        no_selection += not chosen and not (rs.keep_previous_best and rs.select == "best")
+        best_rows += [sft_record(prompts[p], texts[idx[c]]) | {"reward": prompt_rewards[c]} for c in chosen]
+        hi, lo = max(idx, key=lambda i: rewards[i]), min(idx, key=lambda i: rewards[i])
+        if texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo] and rewards[hi] > rewards[lo]:
+            pair_rows.append(
+                {
+                    "prompt": prompts[p].prompt if isinstance(prompts[p].prompt, str) else prompts[p].prompt,
+                    "chosen": texts[hi],
+                    "rejected": texts[lo],
+                    "margin": rewards[hi] - rewards[lo],
+                }
+            )
+    _write_jsonl(round_dir / "best.jsonl", best_rows)
+    _write_jsonl(round_dir / "pairs.jsonl", pair_rows)
+    table = best_of_n_table([[rewards[i] for i in idx] for idx in per_prompt])
+    return {
+        "table": table,
+        "mean_reward": sum(rewards) / len(rewards),
+        "best_jsonl_mean_reward": sum(r["reward"] for r in best_rows) / max(len(best_rows), 1),
+        "selected": len(best_rows),
+        "prompts_without_selection": no_selection,
+        "pairs": len(pair_rows),
+        "eos_rate": sum(s.finished for s in samples) / len(samples),
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _resolve(recipe: Recipe) -> tuple[str, str, str]:
+    rs = recipe.rejection
+    policy = recipe.model.name_or_path or (str(last_output("sft")) if last_output("sft") else None)
+    scorer = rs.reward_model or (str(last_output("reward")) if last_output("reward") else None)
+    prompts = rs.prompts or recipe.data.train
+    missing = []
+    if not policy:
+        missing.append("a policy: --model, or run `align sft` first")
+    if not scorer:
+        missing.append("a reward model: --reward-model (rejection.reward_model), or run `align reward` first")
+    if not prompts:
+        missing.append("prompts: --prompts (rejection.prompts) or --data")
+    if rs.select == "threshold" and rs.threshold is None:
+        missing.append("rejection.threshold (select: threshold)")
+    if missing:
+        raise RecipeError("rejection-sample needs " + "; ".join(missing))
+    return policy, scorer, prompts
+
+
+def run_rejection_sampling(
+    recipe: Recipe, resume: bool = False, console: Console | None = None
+) -> dict[str, Any]:
+    from align_cli.stages.sft import run_sft
+
+    console = console or Console()
+    rs = recipe.rejection
+    policy_dir, scorer_dir, prompt_source = _resolve(recipe)
+    prompts = load_prompts(prompt_source, recipe.data.hub_split, rs.max_prompts)  # bad lines fail here
+    scorer_tok = load_tokenizer(ModelSection(name_or_path=scorer_dir))
+    scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tok.pad_token_id)
+    backend = choose_backend(rs.backend)
+    run_dir, _ = open_run(recipe, resume=False)
+    console.print(
+        f"[bold]rejection sampling[/]: policy {policy_dir}, reward model {scorer_dir}, "
+        f"{len(prompts)} prompts x {rs.n} samples, generation backend: {backend}"
+    )
+    start_policy, rounds, best_so_far = policy_dir, [], {}
+    for r in range(1, rs.rounds + 1):
+        round_dir = run_dir / f"round-{r}"
+        figures = run_round(
+            round_dir,
+            policy_dir,
+            scorer,
+            scorer_tok,
+            prompts,
+            recipe,
+            recipe.training.seed + r,
+            best_so_far,
+            backend,
+            console,
+        )
+        print_round_table(f"round {r}: reward by N (policy {policy_dir})", figures["table"], console)
+        if rs.then == "sft":
+            sft_recipe = copy.deepcopy(recipe)
+            sft_recipe.stage = "sft"
+            sft_recipe.model.name_or_path = policy_dir
+            sft_recipe.data.train, sft_recipe.data.eval, sft_recipe.data.format = (
+                str(round_dir / "best.jsonl"),
+                None,
+                "auto",
+            )
+            sft_recipe.output.dir = str(round_dir / "sft")
+            run_sft(sft_recipe, console=console)
+            policy_dir = str(round_dir / "sft" / "final")
+        figures["policy_after"] = policy_dir
+        rounds.append(figures)
+    for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
+        shutil.copy(run_dir / f"round-{rs.rounds}" / name, run_dir / name)
+    summary = {
+        "stage": "rejection-sample",
+        "run_dir": str(run_dir),
+        "start_policy": start_policy,
+        "reward_model": scorer_dir,
+        "rounds": rounds,
+        "backend": backend,
+    }
+    if rs.then == "sft":
+        evaluation = {}
+        for label, path in (("start", start_policy), ("final", policy_dir)):
+            seed = recipe.training.seed + 10_000
+            _, _, rewards = sample_and_score(
+                path, scorer, scorer_tok, prompts, recipe, seed, rs.eval_n, backend, console
+            )
+            evaluation[label] = sum(rewards) / len(rewards)
+        summary["policy_mean_reward"] = evaluation
+        record_output("rejection-sample", Path(policy_dir))
+        table = Table(title="policy mean sampled reward")
+        table.add_column("policy")
+        table.add_column("mean reward", justify="right")
+        table.add_row(f"start ({start_policy})", fmt(evaluation["start"]))
+        table.add_row(f"after {rs.rounds} round(s) of best-of-{rs.n} + SFT", fmt(evaluation["final"]))
+        console.print(table)
+    write_summary(run_dir, summary)
+    return summary

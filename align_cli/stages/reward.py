@@ -1,0 +1,378 @@
+"""Reward model training (InstructGPT step 2, Llama 2 reward models) and scoring.
+
+The reward model is the (SFT) language model with its LM head replaced by a scalar head; r(x, y) is
+that head read at the final token of prompt + response. Every record is one prompt with K >= 2
+responses ordered best first (a pair is K = 2). All C(K,2) pairs of a prompt are in the same batch
+and every response is scored once (one forward pass per response, not one per pair):
+
+    loss = sum_prompts sum_{(w, l) pairs of the prompt} 1/C(K,2) * -log sigma(r(x, y_w) - r(x, y_l) - m)
+           + center_coef * 1/C(K,2) * (r(x, y_w) + r(x, y_l))^2
+
+divided by the number of prompts in the optimizer step, so a plain pair and a K-way ranking each count
+once. m is the Llama 2 margin of a pair (its ``margin``, else the recipe's ``reward.margins[rating]``;
+0 for rankings); the second term is the optional reward centering (Eisenstein et al. 2023).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from align_cli.data.formats import DataError, Record, load_records
+from align_cli.data.preference import collate_responses, encode_preference, tokenize_preferences
+from align_cli.data.tokenize import DataStats
+from align_cli.engine.loop import StageSpec, Trainer
+from align_cli.engine.metrics import print_table
+from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
+from align_cli.models import ModelError, load_reward_model, load_tokenizer, reward_scores
+from align_cli.recipe import ModelSection, Recipe, RecipeError, RewardSection
+from align_cli.runs import last_output
+
+REWARD_KINDS = ("preference", "ranked")
+SCORE_KINDS = ("preference", "ranked", "prompt_completion", "messages")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def rating_key(label: str) -> str:
+    """'Significantly better' -> 'significantly_better' (ratings are matched case- and space-blind)."""
+    return "_".join(label.strip().lower().replace("-", " ").split())
+
+
+def record_margins(records: list[Record], section: RewardSection) -> dict[str, float]:
+    """The Llama 2 margin m of every record (by ``where``); DataError with file:line for bad ones.
+
+    A pair's explicit ``margin`` wins, else its ``rating`` through ``section.margins``, else 0;
+    rankings get 0. Tied ``scores`` of a ranking are refused (a tie has no preferred response)."""
+    table = {rating_key(k): v for k, v in section.margins.items()}
+    margins, errors = {}, []
+    for record in records:
+        f, margin = record.fields, 0.0
+        if record.kind == "ranked" and "scores" in f and len(set(f["scores"])) < len(f["scores"]):
+            errors.append(f"{record.where}: scores: tied scores {f['scores']} cannot be ranked")
+        elif record.kind == "preference" and section.use_margin:
+            if f.get("margin") is not None:
+                margin = float(f["margin"])
+                if margin < 0:
+                    errors.append(
+                        f"{record.where}: margin: must be >= 0 (chosen is the better one), got {margin}"
+                    )
+            elif f.get("rating") is not None:
+                if rating_key(f["rating"]) not in table:
+                    errors.append(
+                        f"{record.where}: rating: {f['rating']!r} is not in reward.margins "
+                        f"({', '.join(section.margins)})"
+                    )
+                else:
+                    margin = table[rating_key(f["rating"])]
+        margins[record.where] = margin
+    if errors:
+        raise DataError(f"{records[0].source}: {len(errors)} bad record(s):\n  " + "\n  ".join(errors[:20]))
+    return margins
+
+
+def _load(source: str, recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, Any]], DataStats]:
+    d = recipe.data
+    records = load_records(source, d.format, REWARD_KINDS, d.hub_split)
+    margins = record_margins(records, recipe.reward)
+    examples, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
+    for e in examples:
+        e["margin"] = margins[e["where"]]
+    return examples, stats
+
+
+def prepare_reward_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[str, DataStats]]:
+    """Read, validate and tokenize train/eval preferences; nothing is dropped without a count."""
+    d = recipe.data
+    train, stats = _load(d.train, recipe, tokenizer)
+    if d.eval:
+        held, eval_stats = _load(d.eval, recipe, tokenizer)
+    else:
+        train, held = split_holdout(train, d.eval_fraction, recipe.training.seed)
+        eval_stats = DataStats(read=len(held), kept=len(held))
+        stats.kept -= len(held)
+        stats.read -= len(held)
+    return train, held, {"train": stats, "eval": eval_stats}
+
+
+def collate_pairs(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """One row per response (``collate_responses``) plus the batch's pairs as row indices.
+
+    For a prompt with K responses (rows best first): all C(K,2) pairs (better row, worse row), each
+    weighted 1/C(K,2), with the prompt's margin; ``row_weight`` 1/K gives per-prompt reward means."""
+    batch = collate_responses(examples, pad_token_id)
+    better, worse, weight, margin, row_weight = [], [], [], [], []
+    start = 0
+    for e in examples:
+        k = len(e["responses"])
+        pairs = ranking_pairs(k)
+        for i, j in pairs:
+            better.append(start + i)
+            worse.append(start + j)
+            weight.append(1.0 / len(pairs))
+            margin.append(float(e["margin"] or 0.0))
+        row_weight += [1.0 / k] * k
+        start += k
+    batch |= {
+        "better": torch.tensor(better),
+        "worse": torch.tensor(worse),
+        "pair_weight": torch.tensor(weight),
+        "pair_margin": torch.tensor(margin),
+        "row_weight": torch.tensor(row_weight),
+    }
+    return batch
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def make_compute_loss(center_coef: float = 0.0):
+    """compute_loss(model, batch) -> (loss summed over prompts, metric sums over prompts)."""
+
+    def compute_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        r = reward_scores(model, batch)  # [R]: each response scored once
+        b, w, weight = batch["better"], batch["worse"], batch["pair_weight"]
+        loss = pairwise_reward_loss(r, b, w, weight, batch["pair_margin"])
+        gap = (r[b] - r[w]).detach()
+        rd = r.detach()
+        metrics = {
+            "accuracy": (weight * (gap > 0)).sum(),  # per prompt: share of its pairs ordered right
+            "reward_gap": (weight * gap).sum(),  # mean r_better - r_worse
+            "reward_mean": (batch["row_weight"] * rd).sum(),
+            "reward_sq_mean": (batch["row_weight"] * rd**2).sum(),  # std = sqrt(sq_mean - mean^2)
+        }
+        if center_coef:
+            center = (weight * reward_centering_loss(r[b], r[w])).sum()
+            metrics["center"] = center.detach()
+            loss = loss + center_coef * center
+        return loss, metrics
+
+    return compute_loss
+
+
+def reward_std(metrics: dict[str, float], prefix: str = "") -> float | None:
+    mean, sq = metrics.get(f"{prefix}reward_mean"), metrics.get(f"{prefix}reward_sq_mean")
+    return None if mean is None or sq is None else math.sqrt(max(sq - mean**2, 0.0))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def resolve_model(recipe: Recipe, console: Console) -> None:
+    """No model named: start from the last `align sft` output (InstructGPT / Llama 2 start the RM there)."""
+    if recipe.model.name_or_path:
+        return
+    previous = last_output("sft")
+    if previous is None:
+        raise RecipeError(
+            "no model to start the reward model from: pass --model (model.name_or_path), "
+            "or run `align sft` first (its output is then used)"
+        )
+    recipe.model.name_or_path = str(previous)
+    console.print(f"[bold]model[/] {previous} (the last `align sft` output)")
+
+
+def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    require(recipe, "data.train")
+    resolve_model(recipe, console)
+    tokenizer = load_tokenizer(recipe.model)
+    train, held, data_stats = prepare_reward_data(recipe, tokenizer)  # bad data: no run dir is made
+    ranked = sum(len(e["responses"]) > 2 for e in train)
+    console.print(
+        f"[bold]data[/] train: {data_stats['train'].describe()} ({len(train) - ranked} pairs, {ranked} "
+        f"rankings of K > 2); eval: {len(held)} examples"
+    )
+    set_seed(recipe.training.seed)  # the new scalar head and LoRA adapters are initialised at random
+    model = load_reward_model(recipe.model, tokenizer.pad_token_id, recipe.reward.head)
+    run_dir, accelerator = open_run(recipe, resume)
+    pad = tokenizer.pad_token_id
+    spec = StageSpec(
+        name="reward",
+        model=model,
+        train_examples=train,
+        eval_examples=held,
+        collate=lambda examples: collate_pairs(examples, pad),
+        compute_loss=make_compute_loss(recipe.reward.center_coef),
+    )
+    trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
+    result = trainer.run(resume=resume)
+    if result["final_eval"]:
+        result["final_eval"]["eval/reward_std"] = reward_std(result["final_eval"], "eval/")
+    plots = ("loss", "eval/loss", "accuracy", "eval/accuracy", "reward_gap", "lr")
+    return finish_run(
+        "reward", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console, plots
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _as_ranked(record: Record) -> Record:
+    """Any scorable record as one prompt with its responses in file order (scores never reorder)."""
+    f = record.fields
+    if record.kind == "preference":
+        return record
+    if record.kind == "ranked":
+        fields = {"prompt": f["prompt"], "responses": f["responses"]}
+    elif record.kind == "prompt_completion":
+        fields = {"prompt": f["prompt"], "responses": [f["completion"]]}
+    else:  # messages: the last assistant turn is the response, everything before it the prompt
+        fields = {"prompt": f["messages"][:-1], "responses": [[f["messages"][-1]]]}
+    return Record(record.source, record.line, "ranked", fields)
+
+
+def _with_rewards(record: Record, rewards: list[float] | None) -> dict[str, Any]:
+    out = dict(record.fields)
+    if record.kind == "preference":
+        out["reward_chosen"], out["reward_rejected"] = rewards if rewards else (None, None)
+    elif record.kind == "ranked":
+        out["rewards"] = rewards
+    else:
+        out["reward"] = rewards[0] if rewards else None
+    return out
+
+
+@torch.no_grad()
+def score_records(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: list[Record],
+    template: str = "auto",
+    max_length: int = 512,
+    max_prompt_length: int | None = None,
+    batch_size: int = 16,
+) -> list[list[float] | None]:
+    """r(x, y) of every response of every record, in file order (chosen then rejected for a pair);
+    None for a record that truncation left without response tokens."""
+    device = next(model.parameters()).device
+    encoded = [
+        encode_preference(_as_ranked(r), tokenizer, template, max_length, max_prompt_length)[0]
+        for r in records
+    ]
+    rewards: list[list[float] | None] = [None] * len(records)
+    todo = [i for i, e in enumerate(encoded) if e is not None]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        batch = collate_responses([encoded[i] for i in chunk], tokenizer.pad_token_id)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        scores = reward_scores(model, batch).tolist()
+        for i in chunk:
+            rewards[i] = []
+        for row, group in enumerate(batch["group"].tolist()):
+            rewards[chunk[group]].append(scores[row])
+    return rewards
+
+
+def _best_first(record: Record, rewards: list[float]) -> list[float]:
+    if record.kind == "ranked" and "scores" in record.fields:
+        return [rewards[i] for i in sorted(range(len(rewards)), key=lambda i: -record.fields["scores"][i])]
+    return rewards
+
+
+def _trained_settings(model_dir: Path) -> dict[str, Any]:
+    """The data settings a reward model was trained with (its run's recipe.yaml), if known."""
+    from align_cli.recipe import load_recipe
+
+    saved = model_dir.parent / "recipe.yaml"
+    try:
+        d = load_recipe(saved).data if saved.is_file() else None
+    except RecipeError:
+        d = None
+    return (
+        {}
+        if d is None
+        else {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
+    )
+
+
+def _check_reward_model(model: str) -> None:
+    """Refuse a model without a trained scalar head (a plain LM would be scored by a random head)."""
+    from transformers import AutoConfig
+
+    adapter = Path(model) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA run saves the adapter and its score head (peft modules_to_save)
+        kinds = [json.loads(adapter.read_text()).get("task_type")]
+    else:
+        try:
+            kinds = AutoConfig.from_pretrained(model).architectures or []
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model {model!r}: could not load its config: {exc}") from exc
+    if not any(k and (k.endswith("ForSequenceClassification") or k == "SEQ_CLS") for k in kinds):
+        raise ModelError(
+            f"model {model!r} ({', '.join(map(str, kinds)) or 'unknown'}) has no trained reward head; "
+            "train one with `align reward`"
+        )
+
+
+def run_score(
+    model: str | None,
+    data: str,
+    out: Path | None,
+    template: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 16,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """``align reward score``: write every record of ``data`` with its reward(s) as JSONL to ``out``
+    (stdout when None) and print a summary (mean/std reward, pair accuracy)."""
+    console = console or Console(stderr=out is None)
+    if not model:
+        previous = last_output("reward")
+        if previous is None:
+            raise RecipeError("no reward model: pass --model, or train one with `align reward` first")
+        model = str(previous)
+    records = load_records(data, "auto", SCORE_KINDS)  # bad data fails before the model loads
+    _check_reward_model(model)
+    settings = _trained_settings(Path(model)) | {
+        k: v for k, v in {"template": template, "max_length": max_length}.items() if v is not None
+    }
+    section = ModelSection(name_or_path=model)
+    tokenizer = load_tokenizer(section)
+    rm = load_reward_model(section, tokenizer.pad_token_id).eval()
+    if torch.cuda.is_available():
+        rm = rm.cuda()
+    rewards = score_records(rm, tokenizer, records, batch_size=batch_size, **settings)
+    lines = "".join(
+        json.dumps(_with_rewards(rec, r), ensure_ascii=False) + "\n" for rec, r in zip(records, rewards)
+    )
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(lines)
+    summary = score_summary(records, rewards)
+    rows = [("model", model), ("data", data), ("written to", str(out) if out else "stdout"), *summary.items()]
+    print_table("align reward score", rows, console)
+    return summary
+
+
+def score_summary(records: list[Record], rewards: list[list[float] | None]) -> dict[str, Any]:
+    """Mean/std of all rewards; accuracy = per record, the share of its (better, worse) pairs that the
+    model orders the same way, averaged over records with 2+ responses (r_c > r_r for pairs)."""
+    flat, right, ranked = [], 0.0, 0
+    for record, values in zip(records, rewards):
+        if values is None:
+            continue
+        flat += values
+        if len(values) > 1:
+            values, pairs = _best_first(record, values), ranking_pairs(len(values))
+            right += sum(values[i] > values[j] for i, j in pairs) / len(pairs)
+            ranked += 1
+    mean = sum(flat) / max(len(flat), 1)
+    return {
+        "records": len(records),
+        "unscored": sum(r is None for r in rewards),
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat), 1)),
+        "accuracy": right / ranked if ranked else None,
+    }
