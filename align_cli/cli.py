@@ -358,7 +358,41 @@ def rejection_sample(
     )
 
 
-_placeholder("ppo", "RLHF with PPO: per-token KL penalty, value head, GAE, PPO-ptx.")
+@app.command(
+    epilog="Examples:\n\n"
+    "  align ppo --prompts examples/data/prompts.jsonl      (policy: last sft; reward model: last reward)\n\n"
+    "  align ppo -r recipes/ppo-tiny.yaml --set ppo.kl_coef=0.2 --set ppo.adaptive_kl=true\n\n"
+    "  align ppo -r recipes/ppo-tiny.yaml --set ppo.ptx_data=reviews.jsonl --set ppo.ptx_coef=1.0",
+)
+def ppo(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="Prompt JSONL (ppo.prompts).", show_default=False)
+    ] = None,
+    reward_model: Annotated[
+        str | None,
+        typer.Option(
+            "--reward-model",
+            help="Reward model (default: the last `align reward` output).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """RLHF with PPO (InstructGPT): per-token KL penalty to the SFT model, value model, GAE, PPO-ptx.
+
+    --max-steps counts PPO iterations (rollout + updates). Metrics per iteration in metrics.csv; a few
+    generations per iteration in samples.jsonl."""
+    from align_cli.stages.ppo import run_ppo
+
+    extra = {"ppo.prompts": prompts, "ppo.reward_model": reward_model}
+    _run_stage("ppo", run_ppo, recipe, model, data, out, set_, resume, seed, max_steps, extra)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_runs_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage chaining (runs/latest.json) never touches the working tree's runs/ during tests."""
+    os.environ["ALIGN_RUNS_DIR"] = str(tmp_path_factory.mktemp("session_runs"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from align_cli.presets import init_model

@@ -1,0 +1,471 @@
+"""PPO for RLHF (Ziegler et al. 2019, InstructGPT, Llama 2), written to be read next to the papers.
+
+Each iteration:
+  1. rollout: sample one response y per prompt x from the policy pi;
+  2. score:   r(x, y) from the reward model at the final token (optional EOS penalty, clip, norm);
+  3. shape:   r_t = -beta * KL_t on every response token, plus r(x, y) at the last one, where
+              KL_t estimates log pi(a_t|s_t) - log pi_ref(a_t|s_t) against the frozen SFT model;
+  4. GAE:     delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_l (gamma lambda)^l delta_{t+l},
+              returns R_t = A_t + V(s_t); advantages whitened over the batch;
+  5. update:  ppo_epochs passes over mini-batches, one optimizer step each, minimising
+              -E[min(rho A, clip(rho, 1-eps, 1+eps) A)] + vf_coef * 0.5 max((V-R)^2, (V_clip-R)^2)
+              with rho = pi / pi_old, plus (PPO-ptx) ptx_coef * the LM loss on pretraining/SFT data;
+  6. KL control: beta fixed, or adapted toward a target KL (Ziegler et al.).
+
+The losses are the pure functions of ``align_cli.losses``; this file only wires models and data.
+Unlike the other stages PPO alternates sampling and updates, so it has its own iteration loop, built
+from the engine's parts (accelerator, optimizer, scheduler, checkpoints, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from align_cli import losses as L
+from align_cli.data.collate import pad_collate
+from align_cli.data.formats import SFT_KINDS, load_records
+from align_cli.data.preference import collate_responses
+from align_cli.data.prompts import Prompt, load_prompts
+from align_cli.data.tokenize import IGNORE_INDEX, tokenize_sft
+from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.loop import build_optimizer, build_scheduler
+from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.engine.session import open_run
+from align_cli.generation import SamplingParams, sample
+from align_cli.models import (
+    count_parameters,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    response_logprobs,
+    save_model,
+    score_head,
+)
+from align_cli.recipe import ModelSection, Recipe, RecipeError
+from align_cli.runs import FINAL, last_output, peak_memory_mb, record_output, write_summary
+from align_cli.scoring import score
+
+# ----------------------------------------------------------------------------- models
+
+
+class ActorCritic(nn.Module):
+    """The policy and its value function V(s_t), evaluated in one call at the positions that predict
+    response tokens. The value is either a separate model (InstructGPT initialises it from the reward
+    model) or a scalar head on the policy's final hidden state (read as the LM head's input)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        hidden = policy.get_output_embeddings().in_features
+        self.value_head = nn.Linear(hidden, 1) if value_model is None else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        with_values: bool = True,
+    ) -> tuple:
+        """(log pi(a_t|s_t) [N], V(s_t) [N] or None, entropy [N]) for the N supervised tokens, row by row."""
+        targets_mask = labels[:, 1:] != IGNORE_INDEX
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets_mask
+        hidden: list[torch.Tensor] = []
+        hook = None
+        if with_values and self.value_head is not None:  # the LM head sees exactly the kept hidden states
+            hook = self.policy.get_output_embeddings().register_forward_hook(
+                lambda m, a, o: hidden.append(a[0])
+            )
+        try:
+            out = self.policy(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+        targets = labels[:, 1:][targets_mask]
+        logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        if not with_values:
+            values = None
+        elif self.value_head is not None:
+            values = self.value_head(hidden[-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
+        else:
+            per_position: list[torch.Tensor] = []
+            hook = score_head(self.value_model).register_forward_hook(lambda m, a, o: per_position.append(o))
+            try:
+                self.value_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            finally:
+                hook.remove()
+            values = per_position[-1][..., 0][keep].float()
+        return logps, values, entropy
+
+
+def to_padded(flat: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Row-major flat per-token values -> [B, T] right-padded with zeros."""
+    mask = torch.arange(int(lengths.max()), device=flat.device)[None] < lengths[:, None]
+    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
+    out[mask] = flat
+    return out
+
+
+# ----------------------------------------------------------------------------- one rollout
+
+
+@torch.no_grad()
+def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[str, Any]:
+    """Steps 1-4: sample, score, shape the rewards, estimate advantages."""
+    recipe, p = ctx["recipe"], ctx["recipe"].ppo
+    tok, actor = ctx["tokenizer"], ctx["actor"]
+    params = SamplingParams(
+        n=1,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=recipe.training.seed * 100_003 + iteration,
+        prompts_per_batch=len(prompts),
+    )
+    prompt_ids = [x.ids(recipe.data.template, tok) for x in prompts]
+    policy = ctx["accelerator"].unwrap_model(actor).policy
+    samples = sample(policy, tok, prompt_ids, params)
+    examples = [{"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples]
+    batch = collate_responses(examples, tok.pad_token_id)
+    batch = {k: batch[k].to(ctx["accelerator"].device) for k in ("input_ids", "attention_mask", "labels")}
+    lengths = torch.tensor([len(s.response_ids) for s in samples], device=batch["input_ids"].device)
+    mask = to_padded(torch.ones(int(lengths.sum()), device=lengths.device), lengths)
+    actor.eval()
+    logps, values, _ = actor(**batch)
+    actor.train()
+    ref_logps, _ = response_logprobs(ctx["reference"], batch)
+    texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    finished = torch.tensor([s.finished for s in samples], device=mask.device)
+    prompt_texts = [x.text(recipe.data.template, ctx["scorer_tokenizer"]) for x in prompts]
+    raw = torch.tensor(
+        score(ctx["scorer"], ctx["scorer_tokenizer"], prompt_texts, texts, recipe.data.template),
+        device=mask.device,
+    )
+    scores = raw.clone()
+    if p.missing_eos_penalty is not None:
+        scores = torch.where(finished, scores, scores - p.missing_eos_penalty)
+    if p.score_clip is not None:
+        scores = scores.clamp(-p.score_clip, p.score_clip)
+    if p.score_norm and len(scores) > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    old_logps, ref_logps, old_values = (to_padded(x, lengths) for x in (logps, ref_logps, values))
+    rewards, kl = L.per_token_rewards(scores, old_logps, ref_logps, mask, ctx["kl_ctl"].value, p.kl_estimator)
+    advantages, returns = L.gae(rewards, old_values, mask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = L.whiten(advantages, mask)
+    return {
+        "batch": batch,
+        "lengths": lengths,
+        "mask": mask,
+        "old_logps": old_logps,
+        "old_values": old_values,
+        "advantages": advantages,
+        "returns": returns,
+        "rewards": rewards,
+        "kl": kl,
+        "scores": raw,
+        "shaped_scores": scores,
+        "finished": finished,
+        "texts": texts,
+        "prompts": prompts,
+    }
+
+
+# ----------------------------------------------------------------------------- one update
+
+
+def ptx_batch(ctx: dict[str, Any], iteration: int, index: int) -> dict[str, torch.Tensor] | None:
+    """A deterministic batch of the PPO-ptx data for this optimizer step."""
+    data = ctx["ptx"]
+    if not data:
+        return None
+    size = ctx["recipe"].ppo.ptx_batch_size
+    start = ((iteration * 1000 + index) * size) % len(data)
+    chosen = [data[(start + i) % len(data)] for i in range(size)]
+    batch = pad_collate(chosen, ctx["tokenizer"].pad_token_id)
+    return {k: v.to(ctx["accelerator"].device) for k, v in batch.items()}
+
+
+def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str, float]:
+    """Step 5: ppo_epochs passes of mini-batch updates on one rollout; returns mean statistics."""
+    p, acc, actor = ctx["recipe"].ppo, ctx["accelerator"], ctx["actor"]
+    n = ro["mask"].shape[0]
+    gen = torch.Generator().manual_seed(ctx["recipe"].training.seed * 7919 + iteration)
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, p.mini_batch_size):
+            rows = order[start : start + p.mini_batch_size]
+            mb = {k: v[rows] for k, v in ro["batch"].items()}
+            lengths = ro["lengths"][rows]
+            width = int(lengths.max())
+            mask, old_logps, old_values, adv, ret = (
+                ro[k][rows][:, :width] for k in ("mask", "old_logps", "old_values", "advantages", "returns")
+            )
+            logps, values, entropy = actor(**mb)
+            logps, values, entropy = (to_padded(x, lengths) for x in (logps, values, entropy))
+            pg_loss, pg_stats = L.ppo_policy_loss(logps, old_logps, adv, mask, p.cliprange)
+            vf_loss, vf_stats = L.ppo_value_loss(values, old_values, ret, mask, p.cliprange_value)
+            loss = pg_loss + p.vf_coef * vf_loss
+            stats = {
+                "loss/policy": pg_loss,
+                "loss/value": vf_loss,
+                "policy/entropy": L.masked_mean(entropy, mask),
+                "policy/clipfrac": pg_stats["clipfrac"],
+                "policy/approx_kl": pg_stats["approx_kl"],
+                "value/clipfrac": vf_stats["vf_clipfrac"],
+            }
+            extra = ptx_batch(ctx, iteration, steps)
+            if extra is not None and p.ptx_coef > 0:
+                ptx_logps, _, _ = actor(**extra, with_values=False)  # through the wrapper, for DDP
+                ptx_loss = -ptx_logps.mean()
+                loss = loss + p.ptx_coef * ptx_loss
+                stats["loss/ptx"] = ptx_loss
+            acc.backward(loss)
+            max_norm = ctx["recipe"].training.max_grad_norm or float("inf")
+            stats["grad_norm"] = acc.clip_grad_norm_(actor.parameters(), max_norm)
+            ctx["optimizer"].step()
+            ctx["scheduler"].step()
+            ctx["optimizer"].zero_grad(set_to_none=True)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach())
+            steps += 1
+    return {k: v / steps for k, v in totals.items()}
+
+
+def rollout_metrics(ro: dict[str, Any], kl_coef: float) -> dict[str, float]:
+    mask = ro["mask"]
+    seq_kl = ro["kl"].sum(-1)
+    non_score = (-kl_coef * ro["kl"]).sum(-1)
+    values, returns = ro["old_values"], ro["returns"]
+    residual_var = L.masked_var(returns - values, mask, unbiased=False)
+    explained = 1 - residual_var / (L.masked_var(returns, mask, unbiased=False) + 1e-8)
+    return {
+        "score/mean": ro["scores"].mean().item(),
+        "score/std": ro["scores"].std().item() if len(ro["scores"]) > 1 else 0.0,
+        "objective/kl": seq_kl.mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/total_reward": (ro["shaped_scores"] + non_score).mean().item(),
+        "value/explained_variance": explained.item(),
+        "response/length": mask.sum(-1).float().mean().item(),
+        "response/eos_rate": ro["finished"].float().mean().item(),
+        "kl_coef": kl_coef,
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _resolve(recipe: Recipe) -> tuple[str, str, str]:
+    p = recipe.ppo
+    policy = recipe.model.name_or_path or (str(last_output("sft")) if last_output("sft") else None)
+    scorer = p.reward_model or (str(last_output("reward")) if last_output("reward") else None)
+    prompts = p.prompts or recipe.data.train
+    missing = [
+        what
+        for what, ok in (
+            ("a policy: --model, or run `align sft` first", policy),
+            ("a reward model: --reward-model (ppo.reward_model), or run `align reward` first", scorer),
+            ("prompts: --prompts (ppo.prompts) or --data", prompts),
+        )
+        if not ok
+    ]
+    if p.ptx_coef > 0 and not p.ptx_data:
+        missing.append("ppo.ptx_data (ptx_coef > 0)")
+    if missing:
+        raise RecipeError("ppo needs " + "; ".join(missing))
+    return policy, scorer, prompts
+
+
+def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    p, t = recipe.ppo, recipe.training
+    policy_dir, scorer_dir, prompt_source = _resolve(recipe)
+    prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail before anything is built
+    tokenizer = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    ptx = []
+    if p.ptx_data:
+        ptx, _ = tokenize_sft(
+            load_records(p.ptx_data, "auto", SFT_KINDS),
+            tokenizer,
+            recipe.data.template,
+            recipe.data.max_length,
+            "truncate",
+        )
+    set_seed(t.seed)
+    policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
+    policy = load_causal_lm(policy_section)
+    reference = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)).eval()
+    reference.requires_grad_(False)
+    scorer_tokenizer = load_tokenizer(ModelSection(name_or_path=scorer_dir))
+    scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id).eval()
+    scorer.requires_grad_(False)
+    value_model = None
+    if p.value_model == "reward_model":
+        value_model = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id)
+        if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise RecipeError("ppo.value_model=reward_model needs the policy's tokenizer; use policy_head")
+    actor = ActorCritic(policy, value_model)
+
+    run_dir, acc = open_run(recipe, resume)
+    iterations = t.max_steps or p.iterations
+    per_rank = max(1, p.rollout_batch_size // acc.num_processes)
+    steps_per_iteration = p.ppo_epochs * -(-per_rank // p.mini_batch_size)
+    optimizer = build_optimizer(actor, t)
+    scheduler = build_scheduler(optimizer, t, iterations * steps_per_iteration)
+    actor, optimizer, scheduler = acc.prepare(actor, optimizer, scheduler)
+    reference.to(acc.device)
+    scorer.to(acc.device)
+    kl_ctl = (
+        L.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+        if p.adaptive_kl
+        else L.FixedKLController(p.kl_coef)
+    )
+    ctx = {
+        "recipe": recipe,
+        "tokenizer": tokenizer,
+        "actor": actor,
+        "reference": reference,
+        "scorer": scorer,
+        "scorer_tokenizer": scorer_tokenizer,
+        "accelerator": acc,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "kl_ctl": kl_ctl,
+        "ptx": ptx,
+    }
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(acc, checkpoint)
+        start = state["step"]
+        kl_ctl.load_state_dict(state["stage"]["kl_ctl"])
+        console.print(f"[bold]resumed[/] from {checkpoint} at iteration {start}")
+    metrics = MetricsLog(run_dir, resume_step=start) if acc.is_main_process else None
+    console.print(
+        f"[bold]ppo[/]: policy {policy_dir}, reward model {scorer_dir}, value: {p.value_model}, "
+        f"{len(prompts)} prompts, {iterations} iterations x {p.rollout_batch_size} rollouts"
+    )
+    order_gen = torch.Generator().manual_seed(t.seed)
+    prompt_order = torch.randperm(len(prompts), generator=order_gen).tolist()
+    started, first_score = time.perf_counter(), None
+    columns = (
+        TextColumn("[bold]ppo"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not acc.is_main_process) as progress:
+        task = progress.add_task("ppo", total=iterations, completed=start, info="")
+        for iteration in range(start, iterations):
+            # prompt position is a function of the iteration, so a resumed run sees the same prompts
+            first = iteration * p.rollout_batch_size
+            chosen = [prompt_order[(first + i) % len(prompts)] for i in range(p.rollout_batch_size)]
+            mine = [prompts[i] for i in chosen[acc.process_index :: acc.num_processes]]
+            ro = rollout(ctx, mine, iteration)
+            row = {"step": iteration + 1, **rollout_metrics(ro, kl_ctl.value), **update(ctx, ro, iteration)}
+            row["lr"] = scheduler.get_last_lr()[0]
+            row["elapsed_s"] = time.perf_counter() - started
+            kl_ctl.update(row["objective/kl"], p.rollout_batch_size)
+            first_score = row["score/mean"] if first_score is None else first_score
+            if metrics:
+                metrics.add(row)
+                with (run_dir / "samples.jsonl").open("a") as handle:
+                    for i in range(min(p.log_samples, len(ro["texts"]))):
+                        prompt = ro["prompts"][i].prompt
+                        handle.write(
+                            json.dumps(
+                                {
+                                    "iteration": iteration + 1,
+                                    "prompt": prompt,
+                                    "response": ro["texts"][i],
+                                    "score": ro["scores"][i].item(),
+                                    "kl": ro["kl"][i].sum().item(),
+                                }
+                            )
+                            + "\n"
+                        )
+            progress.update(
+                task,
+                completed=iteration + 1,
+                info=f"score {row['score/mean']:.3f} kl {row['objective/kl']:.3f}",
+            )
+            if t.save_every and (iteration + 1) % t.save_every == 0 and iteration + 1 < iterations:
+                save_checkpoint(
+                    acc, run_dir, iteration + 1, {"stage": {"kl_ctl": kl_ctl.state_dict()}}, t.keep_last
+                )
+                if metrics:
+                    metrics.flush()
+    final_dir = run_dir / FINAL
+    unwrapped = acc.unwrap_model(actor)
+    if acc.is_main_process:
+        save_model(unwrapped.policy, tokenizer, final_dir)
+        if unwrapped.value_model is not None:
+            save_model(unwrapped.value_model, scorer_tokenizer, run_dir / "final-value")
+        else:
+            torch.save(unwrapped.value_head.state_dict(), run_dir / "value_head.pt")
+        metrics.flush()
+        plot_metrics(
+            metrics, ["score/mean", "objective/kl", "loss/policy", "loss/value"], run_dir / "metrics.png"
+        )
+        record_output("ppo", final_dir)
+    last = metrics.rows[-1] if metrics and metrics.rows else {}
+    trainable, total = count_parameters(unwrapped)
+    summary = {
+        "stage": "ppo",
+        "run_dir": str(run_dir),
+        "final_model": str(final_dir),
+        "iterations": iterations,
+        "first_score": first_score,
+        "last_score": last.get("score/mean"),
+        "last_kl": last.get("objective/kl"),
+        "kl_coef": kl_ctl.value,
+        "elapsed_s": time.perf_counter() - started,
+        "peak_memory_mb": peak_memory_mb(),
+        "parameters_trainable": trainable,
+        "parameters_total": total,
+    }
+    if acc.is_main_process:
+        write_summary(run_dir, summary)
+        print_table(
+            "align ppo: summary",
+            [
+                ("iterations", iterations),
+                ("score (first iteration)", first_score),
+                ("score (last iteration)", summary["last_score"]),
+                ("KL to reference (last)", summary["last_kl"]),
+                ("kl_coef (final)", kl_ctl.value),
+                ("peak memory (MB)", summary["peak_memory_mb"]),
+                ("elapsed (s)", summary["elapsed_s"]),
+                ("final model", str(final_dir)),
+            ],
+            console,
+        )
+    return summary
