@@ -1,0 +1,351 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its family: cDPO, IPO, hinge, Plackett-Luce.
+
+With log-probs summed over the response tokens and pi_ref the starting (SFT) model,
+
+    h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+    L = -log sigma(beta * h)                       (variants: align_cli.losses.dpo_loss)
+
+and for K ranked responses (best first) one term per rank position (plackett_luce_dpo_loss), which is
+DPO for K = 2. The implicit reward beta * (log pi - log pi_ref) is logged for chosen and rejected.
+
+Efficiency: all responses of a batch go through the policy in one forward pass (collate_responses).
+By default the reference log-probs are computed once before training in a no-grad pass and cached on
+disk (align_cli/reference_cache.py), so no reference model is held in memory while training; with
+``dpo.reference_cache: false`` a live reference scores every batch instead. With LoRA the reference is
+the base model with the adapters disabled: no second copy.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from align_cli.data.formats import load_records
+from align_cli.data.preference import collate_responses, encode_preference
+from align_cli.data.tokenize import DataStats
+from align_cli.engine.loop import StageSpec, Trainer
+from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
+from align_cli.models import ModelError, load_causal_lm, load_tokenizer
+from align_cli.recipe import DPOSection, LoraSection, Recipe, RecipeError
+from align_cli.reference_cache import attach_reference_logps, compute_logps, model_identity, summed_logps
+from align_cli.runs import last_output, write_summary
+
+PREFERENCE_KINDS = ("preference", "ranked")
+Reference = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def to_grid(values: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row values [R] -> [B, Kmax] (example x rank, best first) and the mask of real entries."""
+    group, rank = batch["group"], batch["rank"]
+    shape = (batch["units"], int(rank.max()) + 1)
+    grid = values.new_zeros(shape).index_put((group, rank), values)  # differentiable in ``values``
+    mask = torch.zeros(shape, dtype=torch.bool, device=values.device).index_put(
+        (group, rank), torch.ones_like(group, dtype=torch.bool)
+    )
+    return grid, mask
+
+
+def preference_metrics(
+    logps: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sums over records (the loop divides by their number). "rejected" is the mean over the responses
+    after the best (the rejected one of a pair); accuracy is the share of correctly ordered pairs (i, j),
+    i ranked above j, within a record: for a pair, 1 when r_chosen > r_rejected."""
+    rest = mask[:, 1:].float()
+    n_rest = rest.sum(1).clamp(min=1)
+    chosen_r, rejected_r = rewards[:, 0], (rewards[:, 1:] * rest).sum(1) / n_rest
+    k = mask.shape[1]
+    above = torch.ones(k, k, dtype=torch.bool, device=mask.device).triu(1)
+    pairs = mask[:, :, None] & mask[:, None, :] & above
+    correct = (rewards[:, :, None] > rewards[:, None, :]) & pairs
+    accuracy = correct.sum((1, 2)).float() / pairs.sum((1, 2)).clamp(min=1)
+    return {
+        "rewards/chosen": chosen_r.sum(),
+        "rewards/rejected": rejected_r.sum(),
+        "rewards/accuracy": accuracy.sum(),
+        "rewards/margin": (chosen_r - rejected_r).sum(),
+        "logps/chosen": logps[:, 0].sum(),
+        "logps/rejected": ((logps[:, 1:] * rest).sum(1) / n_rest).sum(),
+    }
+
+
+def preference_loss(
+    policy: torch.Tensor, reference: torch.Tensor, batch: dict[str, Any], cfg: DPOSection
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(summed loss, metric sums) from per-row summed log-probs [R] of the policy and the reference.
+
+    Pairs use ``dpo_loss`` (every variant); a batch holding a ranking of K > 2 uses Plackett-Luce
+    (sigmoid only, checked before training), whose K = 2 rows equal sigmoid DPO."""
+    pol, mask = to_grid(policy, batch)
+    ref, _ = to_grid(reference.to(policy.dtype), batch)
+    if mask.shape[1] == 2 and bool(mask.all()):
+        losses, chosen, rejected = dpo_loss(
+            pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
+            cfg.reference_free,
+        )  # fmt: skip
+        rewards = torch.stack([chosen, rejected], 1)
+    else:
+        losses, rewards = plackett_luce_dpo_loss(
+            pol, torch.zeros_like(ref) if cfg.reference_free else ref, cfg.beta, mask
+        )
+    return losses.sum(), preference_metrics(pol.detach(), rewards, mask)
+
+
+def make_compute_loss(cfg: DPOSection, reference: Reference | None = None):
+    """compute_loss for the Trainer. ``reference`` scores a batch live; None: the batch carries the
+    cached ``ref_logps`` (or the loss is reference-free)."""
+
+    def compute_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        policy = summed_logps(model, batch)
+        if cfg.reference_free:
+            ref = torch.zeros_like(policy)
+        elif reference is not None:
+            ref = reference(model, batch)
+        else:
+            ref = batch["ref_logps"]
+        return preference_loss(policy, ref, batch, cfg)
+
+    return compute_loss
+
+
+def make_collate(pad_token_id: int):
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_responses(examples, pad_token_id)
+        if "ref_logps" in examples[0]:  # same row order as collate_responses: example by example, best first
+            batch["ref_logps"] = torch.tensor(
+                [v for e in examples for v in e["ref_logps"]], dtype=torch.float32
+            )
+        return batch
+
+    return collate
+
+
+def live_reference(accelerator: Accelerator, ref_model: torch.nn.Module | None) -> Reference:
+    """Score a batch with a frozen reference model, or (``ref_model`` None, LoRA) with the policy's base
+    model, adapters disabled."""
+
+    @torch.no_grad()
+    def reference(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        if ref_model is not None:
+            with accelerator.autocast():
+                return summed_logps(ref_model, batch)
+        base = accelerator.unwrap_model(model)
+        was_training = base.training
+        base.eval()  # no dropout in the reference
+        with base.disable_adapter(), accelerator.autocast():
+            values = summed_logps(base, batch)
+        base.train(was_training)
+        return values
+
+    return reference
+
+
+# ----------------------------------------------------------------------------- data and models
+
+
+def tokenize(records: list, tokenizer: Any, recipe: Recipe) -> tuple[list[dict[str, Any]], DataStats]:
+    """Preference records -> examples, counting truncations and drops (``on_too_long: drop`` drops every
+    record that had to be cut)."""
+    d = recipe.data
+    stats, examples = DataStats(), []
+    for record in records:
+        stats.read += 1
+        example, reason, truncated = encode_preference(
+            record, tokenizer, d.template, d.max_length, d.max_prompt_length
+        )
+        if example is not None and truncated and d.on_too_long == "drop":
+            example, reason = None, "too_long"
+        if example is None:
+            stats.dropped[reason] += 1
+            continue
+        stats.kept += 1
+        stats.truncated += truncated
+        examples.append(example)
+    return examples, stats
+
+
+def prepare_dpo_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[str, DataStats]]:
+    """Read, validate and tokenize train (and a separate eval file); the split comes later, after the
+    reference log-probs of the whole file are attached (one cache entry per file)."""
+    d = recipe.data
+    train, stats = tokenize(load_records(d.train, d.format, PREFERENCE_KINDS, d.hub_split), tokenizer, recipe)
+    held, eval_stats = [], DataStats()
+    if d.eval:
+        held, eval_stats = tokenize(
+            load_records(d.eval, d.format, PREFERENCE_KINDS, d.hub_split), tokenizer, recipe
+        )
+    if not train:
+        raise RecipeError(f"data.train: no usable pair left in {d.train} ({stats.describe()})")
+    k_max = max(len(e["responses"]) for e in train + held)
+    cfg = recipe.dpo
+    if k_max > 2 and (cfg.loss_type != "sigmoid" or cfg.label_smoothing):
+        raise RecipeError(
+            f"dpo.loss_type={cfg.loss_type}, label_smoothing={cfg.label_smoothing}: these variants are for "
+            f"pairs, but the data ranks up to {k_max} responses (Plackett-Luce); use loss_type sigmoid "
+            "and label_smoothing 0, or pairwise data"
+        )
+    return train, held, {"train": stats, "eval": eval_stats}
+
+
+def resolve_policy(recipe: Recipe, console: Console) -> None:
+    """No model named: the last ``align sft`` output is policy and reference (pi_ref = pi_SFT)."""
+    if recipe.model.name_or_path:
+        return
+    found = last_output("sft")
+    if found is None:
+        raise RecipeError(
+            "no model given and no `align sft` output found to start from. Train one first, e.g.\n"
+            "  align sft --recipe recipes/sft-tiny.yaml\n"
+            "or the paper's Preferred-FT baseline, SFT on the chosen responses:\n"
+            "  align sft --model MODEL --data prefs.jsonl\n"
+            "or name a model: align dpo --model PATH_OR_HUB_ID --data prefs.jsonl"
+        )
+    recipe.model.name_or_path = str(found)
+    console.print(f"[bold]policy and reference[/]: {found} (the last `align sft` output)")
+
+
+def load_reference(recipe: Recipe, path: str) -> torch.nn.Module:
+    section = replace(recipe.model, name_or_path=path, gradient_checkpointing=False, lora=LoraSection())
+    model = load_causal_lm(section)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def cache_reference_logps(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    pad_id: int,
+    sets: dict[str, list],
+    console: Console,
+) -> dict[str, Any]:
+    """Attach cached (or freshly computed, then cached) reference log-probs to every example of each
+    named set; returns {set name: {key, hit, path, seconds}}."""
+    cfg, d, ref_path = recipe.dpo, recipe.data, recipe.dpo.reference_model or recipe.model.name_or_path
+    try:
+        identity = model_identity(ref_path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"reference model {ref_path!r}: cannot identify it for the cache: {exc}") from exc
+    material = {
+        "reference": identity,
+        "dtype": recipe.model.dtype,
+        "attn_implementation": recipe.model.attn_implementation,
+        "precision": recipe.training.precision,
+        "template": d.template,
+        "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length,
+    }
+    separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
+    holder: dict[str, torch.nn.Module] = {}
+
+    def compute(examples: list) -> list[list[float]]:
+        size = recipe.training.micro_batch_size * 2  # no activations kept: larger batches fit
+        if separate:
+            if "ref" not in holder:
+                holder["ref"] = load_reference(recipe, ref_path).to(accelerator.device)
+            scorer, context = holder["ref"], nullcontext()
+        else:  # the policy's starting weights are the reference (under LoRA: with the adapters off)
+            scorer = model.to(accelerator.device)
+            context = scorer.disable_adapter() if recipe.model.lora.enabled else nullcontext()
+        with context:
+            return compute_logps(scorer, examples, pad_id, size, accelerator.device, accelerator.autocast)
+
+    infos = {}
+    for name, examples in sets.items():
+        if not examples:
+            continue
+        started = time.perf_counter()
+        if not accelerator.is_main_process:  # the main process computes and writes; the others read
+            accelerator.wait_for_everyone()
+        info = attach_reference_logps(examples, material, lambda ex=examples: compute(ex))
+        if accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+        info["seconds"] = round(time.perf_counter() - started, 3)
+        what = (
+            "cache hit, reused"
+            if info["hit"]
+            else f"cache miss, computed in {info['seconds']:.1f} s and saved to"
+        )
+        console.print(
+            f"[bold]reference log-probs[/] ({name}, {len(examples)} examples): {what} {info['path']}"
+        )
+        infos[name] = info
+    holder.clear()  # the reference model is not kept during training
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return infos
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    resolve_policy(recipe, console)
+    require(recipe, "model.name_or_path", "data.train")
+    cfg = recipe.dpo
+    tokenizer = load_tokenizer(recipe.model)
+    train_all, held, data_stats = prepare_dpo_data(recipe, tokenizer)  # bad data fails before any run dir
+    set_seed(recipe.training.seed)  # LoRA adapters are initialised at random
+    model = load_causal_lm(recipe.model)
+    run_dir, accelerator = open_run(recipe, resume)
+
+    reference: Reference | None = None
+    ref_info: dict[str, Any] = {"mode": "none (reference_free)" if cfg.reference_free else "cache"}
+    if not cfg.reference_free and cfg.reference_cache:
+        sets = {"train": train_all, "eval": held}
+        ref_info["cache"] = cache_reference_logps(
+            recipe, model, accelerator, tokenizer.pad_token_id, sets, console
+        )
+    elif not cfg.reference_free:
+        ref_path = cfg.reference_model or recipe.model.name_or_path
+        separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
+        ref_model = None if recipe.model.lora.enabled and not separate else load_reference(recipe, ref_path)
+        ref_info["mode"] = (
+            "live (base model, adapters disabled)" if ref_model is None else "live (second model)"
+        )
+        if ref_model is not None:
+            ref_model.to(accelerator.device)
+        reference = live_reference(accelerator, ref_model)
+    console.print(f"[bold]reference[/]: {ref_info['mode']}")
+
+    if not recipe.data.eval:
+        train_all, held = split_holdout(train_all, recipe.data.eval_fraction, recipe.training.seed)
+        s = data_stats["train"]
+        s.read, s.kept = s.read - len(held), s.kept - len(held)
+        data_stats["eval"] = DataStats(read=len(held), kept=len(held))
+    console.print(f"[bold]data[/] train: {data_stats['train'].describe()}; eval: {len(held)} examples")
+
+    spec = StageSpec(
+        name="dpo",
+        model=model,
+        train_examples=train_all,
+        eval_examples=held,
+        collate=make_collate(tokenizer.pad_token_id),
+        compute_loss=make_compute_loss(cfg, reference),
+    )
+    trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
+    result = trainer.run(resume=resume)
+    plots = ("loss", "eval/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin")
+    summary = finish_run(
+        "dpo", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console, plots
+    )
+    summary["reference"] = ref_info
+    if accelerator.is_main_process:
+        write_summary(Path(run_dir), summary)
+    return summary
