@@ -71,11 +71,21 @@ def left_pad(
 
 @torch.no_grad()
 def sample(
-    model: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams, progress: Any = None
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    progress: Any = None,
+    first_batch: int = 0,
+    synced_gpus: bool = False,
 ) -> list[Sample]:
     """Sample ``params.n`` responses for every prompt (token ids); ordered by prompt, then sample.
 
-    ``progress`` (optional) is called with the number of samples finished after each batch."""
+    ``progress`` (optional) is called with the number of samples finished after each batch.
+    ``first_batch``: the global index of this call's first batch, when the prompts are one process's
+    contiguous share of a larger list (``shard_batches``): batches are seeded by global index, so the
+    samples do not depend on the number of processes. ``synced_gpus``: keep stepping until every
+    process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation)."""
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -85,7 +95,7 @@ def sample(
     for batch_index, start in enumerate(range(0, len(prompts), params.prompts_per_batch)):
         chunk = prompts[start : start + params.prompts_per_batch]
         ids, mask = left_pad(chunk, pad, device)
-        torch.manual_seed(params.seed * 1_000_003 + batch_index)
+        torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
         greedy = params.temperature <= 0
         generated = model.generate(
             input_ids=ids,
@@ -99,6 +109,7 @@ def sample(
             eos_token_id=stops,
             pad_token_id=pad,
             use_cache=True,
+            synced_gpus=synced_gpus,
         )
         new = generated[:, ids.shape[1] :].tolist()
         for row, tokens in enumerate(new):
@@ -117,6 +128,17 @@ def sample(
             progress(len(new))
     model.train(was_training)
     return out
+
+
+def shard_batches(count: int, per_batch: int, rank: int, world: int) -> tuple[int, int, int]:
+    """This process's contiguous share of ``count`` prompts in whole generation batches of ``per_batch``:
+    (start, stop, index of its first batch). Ranks get equal numbers of batches, the first ones one more
+    when they do not divide."""
+    batches = -(-count // per_batch)
+    base, extra = divmod(batches, world)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)
+    return min(first * per_batch, count), min(last * per_batch, count), first
 
 
 def sample_vllm(

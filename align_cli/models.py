@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelError(ValueError):
     """A model or tokenizer that cannot be loaded or used."""
+
+
+def _pickle_hint(section: ModelSection) -> str:
+    """Why a directory holding only pickled weights (.bin/.pt) is refused, and what to do."""
+    folder = Path(str(section.name_or_path))
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return ""
+    if not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
+        return ""
+    return (
+        " (align loads weights only from safetensors: a pickled .bin/.pt file can run code when loaded; "
+        "convert a trusted checkpoint with save_pretrained(..., safe_serialization=True))"
+    )
 
 
 def _hub_kwargs(section: ModelSection) -> dict[str, Any]:
@@ -42,22 +56,90 @@ def load_tokenizer(section: ModelSection) -> Any:
     return tokenizer
 
 
+def quantization_kwargs(section: ModelSection) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA base weights (4-bit NF4 or 8-bit, bitsandbytes), or {}.
+
+    Raises ModelError without a CUDA GPU, before any weight is read."""
+    if not (section.load_in_4bit or section.load_in_8bit):
+        return {}
+    if not torch.cuda.is_available():
+        bits = 4 if section.load_in_4bit else 8
+        raise ModelError(
+            f"model.load_in_{bits}bit: {bits}-bit base weights (QLoRA, bitsandbytes) need a CUDA GPU and "
+            "none is available; on a CPU train LoRA on the unquantized model (model.lora.enabled=true, "
+            f"model.load_in_{bits}bit=false)"
+        )
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    if section.load_in_4bit:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[section.dtype],
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # quantized weights are placed at load time: each process on its own GPU
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
+def is_adapter_dir(path: str | Path | None) -> bool:
+    """A LoRA run's output: peft's adapter_config.json and adapter weights, no full model."""
+    return path is not None and (Path(path) / "adapter_config.json").is_file()
+
+
+def _local(name_or_path: str) -> str:
+    # an absolute local path goes into config.json and adapter_config.json (base_model_name_or_path), so
+    # a LoRA output still finds its base model when loaded from another directory
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def load_merged(adapter_dir: str | Path, auto_class: Any, **kwargs: Any) -> nn.Module:
+    """A LoRA output directory as a plain model: its base model with the adapter merged into the weights
+    (and, for a reward model, the trained score head that peft saved beside the adapter)."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    base = auto_class.from_pretrained(_local(config.base_model_name_or_path), **kwargs)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def load_causal_lm(section: ModelSection) -> nn.Module:
-    """A causal LM ready for training: dtype, gradient checkpointing and LoRA from the recipe."""
+    """A causal LM ready for training: dtype, 4-/8-bit base weights, gradient checkpointing and LoRA from
+    the recipe. A LoRA output directory loads as its base model with the adapter merged (a LoRA SFT
+    model is then the start, and under LoRA the reference, of the next stage)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(section) | {"dtype": DTYPES[section.dtype], "use_safetensors": True}
+    kwargs |= quantization_kwargs(section)
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(section.name_or_path, **kwargs)
+        if is_adapter_dir(section.name_or_path):
+            model = load_merged(section.name_or_path, AutoModelForCausalLM, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(_local(section.name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {section.name_or_path!r}: could not load: {exc}") from exc
+        raise ModelError(
+            f"model {section.name_or_path!r}: could not load: {exc}{_pickle_hint(section)}"
+        ) from exc
     model.config.use_cache = False  # training never reuses past keys; generation turns it back on
+    return _prepare_for_training(model, section)
+
+
+def _prepare_for_training(model: nn.Module, section: ModelSection, task_type: str = "CAUSAL_LM") -> nn.Module:
+    if section.load_in_4bit or section.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and head in fp32 for stability; input grads on for checkpointing through frozen weights
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if section.gradient_checkpointing:
         enable_checkpointing(model)
     if section.lora.enabled:
-        model = apply_lora(model, section.lora)
+        model = apply_lora(model, section.lora, task_type=task_type)
     return model
 
 
@@ -144,16 +226,25 @@ def load_reward_model(section: ModelSection, pad_token_id: int, head_init: str =
     from transformers.utils import logging as hf_logging
 
     kwargs = _hub_kwargs(section) | {"dtype": DTYPES[section.dtype], "use_safetensors": True, "num_labels": 1}
+    kwargs |= quantization_kwargs(section)
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists the dropped LM head and the new head
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            section.name_or_path, output_loading_info=True, **kwargs
-        )
+        if is_adapter_dir(section.name_or_path):  # a LoRA reward model (head saved beside the adapter)
+            model = load_merged(section.name_or_path, AutoModelForSequenceClassification, **kwargs)
+            adapter_config = Path(section.name_or_path) / "adapter_config.json"
+            task = json.loads(adapter_config.read_text()).get("task_type")
+            info = {"missing_keys": [] if task == "SEQ_CLS" else ["score.weight"]}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                _local(section.name_or_path), output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"model {section.name_or_path!r}: could not load as a reward model: {exc}") from exc
+        raise ModelError(
+            f"model {section.name_or_path!r}: could not load as a reward model: {exc}{_pickle_hint(section)}"
+        ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     head = score_head(model)
@@ -169,11 +260,8 @@ def load_reward_model(section: ModelSection, pad_token_id: int, head_init: str =
             if head.bias is not None:
                 head.bias.zero_()
         log.info("reward model: new scalar head (%s init) on %s", head_init, section.name_or_path)
-    if section.gradient_checkpointing:
-        enable_checkpointing(model)
-    if section.lora.enabled:  # SEQ_CLS keeps the score head fully trainable (peft modules_to_save)
-        model = apply_lora(model, section.lora, task_type="SEQ_CLS")
-    return model
+    # under LoRA, SEQ_CLS keeps the score head fully trainable (peft modules_to_save)
+    return _prepare_for_training(model, section, task_type="SEQ_CLS")
 
 
 def score_head(model: nn.Module) -> nn.Module:

@@ -44,6 +44,10 @@ class ModelSection:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     lora: LoraSection = field(default_factory=LoraSection)
+    # QLoRA: the frozen base weights in 4-bit NF4 (double quantization, compute in `dtype`) or 8-bit,
+    # through bitsandbytes; needs a CUDA GPU and model.lora.enabled (quantized weights are not trained)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
 
 
 @dataclass
@@ -87,6 +91,9 @@ class TrainingSection:
     eval_every: int | None = None
     save_every: int | None = None
     keep_last: int = 2
+    # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
+    # and count it (skipped_steps in metrics and summary)
+    nan_policy: str = choices("stop", "skip", default="stop")
 
 
 @dataclass
@@ -407,6 +414,14 @@ def _check_values(r: Recipe) -> list[str]:
         errors.append("data.max_prompt_length: must be smaller than data.max_length")
     if r.reward.center_coef is not None and r.reward.center_coef < 0:
         errors.append(f"reward.center_coef: must be >= 0, got {r.reward.center_coef}")
+    m = r.model
+    if m.load_in_4bit and m.load_in_8bit:
+        errors.append("model.load_in_4bit, model.load_in_8bit: choose one")
+    if (m.load_in_4bit or m.load_in_8bit) and not m.lora.enabled and r.stage != "rejection-sample":
+        errors.append(
+            "model.load_in_4bit/load_in_8bit: quantized base weights cannot be trained; set "
+            "model.lora.enabled=true (QLoRA)"
+        )
     if r.dpo.beta is not None and r.dpo.beta <= 0:
         errors.append(f"dpo.beta: must be > 0, got {r.dpo.beta}")
     if r.dpo.label_smoothing is not None and not 0.0 <= r.dpo.label_smoothing < 0.5:

@@ -8,12 +8,17 @@ file are collected (up to a cap) and raised together as one DataError.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MAX_REPORTED_ERRORS = 20
+# a JSONL line longer than this is refused without being read into memory (a runaway line is almost
+# always a broken export, e.g. a whole file on one line); ALIGN_MAX_LINE_MB changes it
+MAX_LINE_MB_ENV = "ALIGN_MAX_LINE_MB"
+DEFAULT_MAX_LINE_MB = 10.0
 ROLES = ("system", "user", "assistant")
 KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked")
 SFT_KINDS = ("alpaca", "prompt_completion", "messages", "text")
@@ -39,34 +44,93 @@ class Record:
         return f"{self.source}:{self.line}"
 
 
+def max_line_bytes() -> int:
+    raw = os.environ.get(MAX_LINE_MB_ENV)
+    try:
+        megabytes = float(raw) if raw else DEFAULT_MAX_LINE_MB
+    except ValueError:
+        raise DataError(f"{MAX_LINE_MB_ENV}={raw!r}: expected a number of megabytes") from None
+    return max(1, int(megabytes * 2**20))
+
+
+def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes or None when longer than ``limit``, size in bytes), reading at most about
+    ``limit`` bytes at a time: an overlong line is skipped in bounded chunks, never held whole."""
+    line_no = 0
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield line_no, raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = handle.readline(2**20)
+            if not raw:
+                break
+            size += len(raw)
+        yield line_no, None, size
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_line(text: str) -> Any:
+    """json.loads that refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin
+    or score would turn the loss into NaN. Raises ValueError with the reason."""
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     """Parse a JSONL file into (line number, object); blank lines are skipped.
 
-    Non-UTF-8 bytes and malformed JSON are errors naming the line."""
+    The file is read line by line. Non-UTF-8 bytes, malformed JSON, NaN/Infinity and lines longer than
+    ``ALIGN_MAX_LINE_MB`` (default 10) are errors naming the line; all of them are reported together."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
+    limit = max_line_bytes()
     rows, errors = [], []
     with p.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
+        for line_no, raw, size in _lines(handle, limit):
+            if raw is None:
                 errors.append(
-                    f"{p}:{line_no}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+                    f"{p}:{line_no}: line is {size / 2**20:.1f} MB; lines over {limit / 2**20:g} MB are "
+                    f"refused (set {MAX_LINE_MB_ENV} to allow longer ones)"
                 )
-                continue
-            if not text.strip():
-                continue
-            try:
-                rows.append((line_no, json.loads(text)))
-            except json.JSONDecodeError as exc:
-                errors.append(f"{p}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})")
+            else:
+                try:
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading BOM is fine
+                except UnicodeDecodeError as exc:
+                    bad = raw[exc.start : exc.start + 1]
+                    errors.append(f"{p}:{line_no}: not valid UTF-8 (byte {exc.start}: {bad!r})")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    rows.append((line_no, parse_json_line(text)))
+                except ValueError as exc:
+                    errors.append(f"{p}:{line_no}: malformed JSON: {exc}")
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
     _raise_if(errors, p)
     if not rows:
-        raise DataError(f"{p}: no records (the file is empty)")
+        raise DataError(f"{p}: no records (the file is empty or only blank lines)")
     return rows
 
 
@@ -160,6 +224,8 @@ def _validate_ranked(obj: dict, errors: list[str]) -> None:
             errors.append("scores: expected one number per response")
         elif not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
             errors.append("scores: expected numbers")
+        elif len(set(scores)) < len(scores):  # a tie gives no order; sorting would invent one
+            errors.append(f"scores: tied scores {scores} cannot be ranked")
     texts = [json.dumps(r, sort_keys=True) for r in responses]
     if len(set(texts)) != len(texts):
         errors.append("responses: two responses are identical")

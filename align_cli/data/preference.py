@@ -34,6 +34,17 @@ def ranked_responses(record: Record) -> tuple[Any, list[Any]]:
     f = record.fields
     if record.kind == "preference":
         prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
+        # full conversations beside a `prompt` field (UltraFeedback-binarized): the shared turns are the
+        # prompt, so the user's message is never trained on or counted as part of the response
+        if (
+            isinstance(chosen, list)
+            and isinstance(rejected, list)
+            and chosen[:1] == rejected[:1]
+            and chosen[:1]
+            and isinstance(chosen[0], dict)
+            and chosen[0].get("role") != "assistant"
+        ):
+            prompt = None
         if prompt is None:
             if not (isinstance(chosen, list) and isinstance(rejected, list)):
                 raise DataError(

@@ -74,3 +74,30 @@ def load_prompts(source: str, hub_split: str = "train", limit: int | None = None
     if errors:
         raise DataError(f"{source}: {len(errors)} bad prompt(s):\n  " + "\n  ".join(errors[:20]))
     return prompts[:limit] if limit else prompts
+
+
+def fit_prompts(
+    prompts: list[Prompt], tokenizer: Any, template: str, max_tokens: int, limit: int | None = None
+) -> tuple[list[Prompt], Any]:
+    """The prompts that leave room to generate (at most ``max_tokens`` tokens: data.max_length minus
+    max_new_tokens), the first ``limit`` of them, and their accounting (a DataStats: read = kept +
+    dropped by reason). Longer prompts are dropped, never cut: a cut prompt asks another question."""
+    from align_cli.data.tokenize import DataStats
+
+    stats = DataStats(read=len(prompts))
+    kept = []
+    for prompt in prompts:
+        if len(prompt.ids(template, tokenizer)) > max_tokens:
+            stats.dropped["prompt_too_long"] += 1
+        elif limit is not None and len(kept) >= limit:
+            stats.dropped["beyond_max_prompts"] += 1
+        else:
+            kept.append(prompt)
+    stats.kept = len(kept)
+    if not kept:
+        source = prompts[0].where.rsplit(":", 1)[0] if prompts else "prompts"
+        raise DataError(
+            f"{source}: no prompt fits in {max_tokens} tokens (data.max_length minus max_new_tokens); "
+            f"{stats.describe()}"
+        )
+    return kept, stats

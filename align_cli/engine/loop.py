@@ -11,6 +11,7 @@ scheduling, evaluation, checkpoints, metrics and progress all live here, once.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,8 +33,12 @@ from rich.progress import (
 )
 
 from align_cli.data.collate import plan_epoch, shard
+from align_cli.data.formats import DataError
 from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.distributed import configure_deepspeed
+from align_cli.engine.faults import fault_point
 from align_cli.engine.metrics import MetricsLog
+from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.recipe import TrainingSection
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -41,6 +46,36 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, what: str = "loss") -> None:
+        super().__init__(message)
+        self.what = what  # "loss" or "gradient norm"
+
+
+class _Interrupted(Exception):
+    """A stop was requested in the middle of an evaluation."""
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """How to go on after a fatal error, for error messages."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return "no checkpoint was saved before it (training.save_every sets how often one is)"
+    return f"the last good checkpoint, {found}, is kept: fix the cause and add --resume"
+
+
+def check_finite(loss: float, grad_norm: float, where: str, scaler: Any = None) -> None:
+    """Raise NonFiniteError for a NaN/inf loss or gradient norm. With fp16 loss scaling (``scaler``) an
+    inf gradient is the scaler's business: it skips that update and lowers the scale."""
+    if not math.isfinite(loss):
+        what = "loss"
+    elif not math.isfinite(grad_norm) and scaler is None:
+        what = "gradient norm"
+    else:
+        return
+    raise NonFiniteError(
+        f"{where}: non-finite {what} (loss={loss}, grad_norm={grad_norm}); the update was not applied", what
+    )
 
 
 @dataclass
@@ -67,7 +102,19 @@ def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     # the scheduler is stepped once per optimizer step, not once per process
-    return Accelerator(mixed_precision=mixed, cpu=cpu, step_scheduler_with_optimizer=False)
+    return Accelerator(
+        mixed_precision=mixed, cpu=cpu or _launched_without_gpu(), step_scheduler_with_optimizer=False
+    )
+
+
+def _launched_without_gpu() -> bool:
+    """Several processes (torchrun, accelerate launch) on a machine with no GPU: accelerate picks its
+    gloo CPU backend only when told to use the CPU; otherwise every process would train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingSection) -> torch.optim.Optimizer:
@@ -133,7 +180,10 @@ class Trainer:
         self.lengths = [e["length"] for e in spec.train_examples]
         self.steps_per_epoch = len(self._plan(0))
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{spec.name}: no training examples left after filtering")
+            raise DataError(
+                f"{spec.name}: no training examples left after filtering (every record was dropped; see "
+                "the data line above for the reasons)"
+            )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
@@ -158,8 +208,15 @@ class Trainer:
         )
         return self.acc.reduce(stacked, "sum") if self.world > 1 else stacked
 
-    def train_step(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Forward/backward over a step's micro-batches; loss normalised by the step's total units."""
+    def _stop_requested(self, stop: StopFlag | None) -> bool:
+        return stop_requested(stop, self.acc)
+
+    def train_step(
+        self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], step: int | None = None
+    ) -> dict[str, float]:
+        """Forward/backward over a step's micro-batches; loss normalised by the step's total units.
+
+        Raises NonFiniteError (before any update) for a NaN/inf loss or gradient norm."""
         units = self._sum_across([sum(b["units"] for b in batches)])[0].item()
         scale = self.world / max(units, 1e-12)  # DDP averages gradients over processes
         loss_sum = torch.zeros((), device=self.acc.device, dtype=torch.float64)
@@ -167,9 +224,13 @@ class Trainer:
         tokens = 0
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
+            # DeepSpeed's engine accumulates until this flag is set, then steps (clipping included)
+            self.acc.gradient_state._set_sync_gradients(last)
             with nullcontext() if last or self.world == 1 else self.acc.no_sync(model):
                 loss, metrics = self.spec.compute_loss(model, batch)
                 self.acc.backward(loss * scale)
+            if i == 0 and step is not None:
+                fault_point("step", step)
             loss_sum += loss.detach().double()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v).detach().double()
@@ -180,15 +241,15 @@ class Trainer:
         totals = self._sum_across([loss_sum, tokens, *[metric_sums[k] for k in keys]]).tolist()
         row = {"loss": totals[0] / units, "grad_norm": float(grad_norm), "tokens": int(totals[1])}
         row |= {k: v / units for k, v in zip(keys, totals[2:])}
-        if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
-            raise NonFiniteError(
-                f"non-finite {'loss' if not math.isfinite(row['loss']) else 'gradient norm'} "
-                f"(loss={row['loss']}, grad_norm={row['grad_norm']}); the update was not applied"
-            )
+        check_finite(row["loss"], row["grad_norm"], f"step {step or '?'}", self.acc.scaler)
         return row
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, stop: StopFlag | None = None, step: int | None = None
+    ) -> dict[str, float]:
+        """Loss and metrics on the eval examples; with ``stop``, gives up after the batch during which a
+        stop was requested (raising _Interrupted) so a signal is answered within one batch."""
         examples = self.spec.eval_examples
         if not examples:
             return {}
@@ -198,6 +259,9 @@ class Trainer:
         usable = len(order) - len(order) % self.world or len(order)
         loss_sum, units, metric_sums = 0.0, 0.0, {}
         for start in range(0, usable, size):
+            if start > 0 and self._stop_requested(stop):  # checked on every process, batch by batch
+                model.train()
+                raise _Interrupted
             chunk = order[start : start + size]
             mine = shard(chunk, self.rank, self.world)
             if not mine:
@@ -208,6 +272,8 @@ class Trainer:
             units += batch["units"]
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v).double()
+            if start == 0 and step is not None:
+                fault_point("eval", step)
         model.train()
         keys = list(metric_sums)
         totals = self._sum_across([loss_sum, units, *[metric_sums[k] for k in keys]]).tolist()
@@ -218,25 +284,60 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``total_steps``. SIGTERM/SIGINT only set a flag; at the next safe point (before a
+        step's forward pass, after a step, after an eval batch) a checkpoint is saved and
+        StoppedBySignal raised. A NaN/inf loss or gradient raises NonFiniteError, or with
+        ``training.nan_policy: skip`` drops that update and counts it."""
+        with stop_on_signals() as stop:
+            return self._run(resume, stop)
+
+    def _run(self, resume: bool, stop: StopFlag) -> dict[str, Any]:
         t, acc, spec = self.t, self.acc, self.spec
         set_seed(t.seed)
         optimizer = build_optimizer(spec.model, t)
         scheduler = build_scheduler(optimizer, t, self.total_steps)
+        configure_deepspeed(acc, t.micro_batch_size)
         model, optimizer, scheduler = acc.prepare(spec.model, optimizer, scheduler)
-        step = 0
+        step, skipped, pending_eval = 0, 0, False
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
             state = load_checkpoint(acc, checkpoint)
-            step = state["step"]
+            step, skipped = state["step"], state.get("skipped_steps", 0)
+            pending_eval = state.get("pending_eval", False)  # stopped in the middle of an evaluation
             spec.set_state(state.get("stage", {}))
             if acc.is_main_process:
                 self.console.print(f"[bold]resumed[/] from {checkpoint} at step {step}")
         metrics = MetricsLog(self.run_dir, resume_step=step) if acc.is_main_process else None
-        last_saved = step
+        last_saved = step if checkpoint is not None else None
         model.train()
         started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
-        first_loss, total_tokens = None, 0
+        total_tokens = 0
+        first_loss = next((r["loss"] for r in metrics.rows if "loss" in r), None) if metrics else None
+
+        def save(at: int, pending: bool = False) -> Path:
+            nonlocal last_saved
+            state = {"stage": spec.get_state(), "skipped_steps": skipped, "pending_eval": pending}
+            path = save_checkpoint(acc, self.run_dir, at, state, t.keep_last)
+            last_saved = at
+            if metrics:
+                metrics.flush()
+            return path
+
+        def stop_here(at: int, pending: bool = False) -> None:
+            reuse = last_saved == at and not pending and latest_checkpoint(self.run_dir) is not None
+            path = latest_checkpoint(self.run_dir) if reuse else save(at, pending)
+            raise StoppedBySignal(spec.name, self.run_dir, at, stop.name or "signal", path)
+
+        def evaluate_or_stop(at: int, row: dict[str, Any] | None = None, final: bool = False) -> dict:
+            try:
+                return self.evaluate(model, stop, at)
+            except _Interrupted:
+                if metrics and row:  # the step's training row is kept; its eval runs on resume
+                    metrics.add(row)
+                stop_here(at, pending=not final)  # the final evaluation reruns on resume anyway
+                raise  # unreachable: stop_here raises
+
         progress = Progress(
             TextColumn(f"[bold]{spec.name}"),
             BarColumn(),
@@ -251,19 +352,46 @@ class Trainer:
         )
         with progress:
             task = progress.add_task(spec.name, total=self.total_steps, completed=step, info="", rate="")
+            if pending_eval:
+                eval_row = evaluate_or_stop(step)
+                if metrics and eval_row:
+                    metrics.add({"step": step, **eval_row})
             while step < self.total_steps:
                 epoch, index = divmod(step, self.steps_per_epoch)
                 for micro in self._plan(epoch)[index:]:
                     batches = self._micro_batches(micro, spec.train_examples)
-                    row = self.train_step(model, batches)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    fault_point("data", step + 1)
+                    if self._stop_requested(stop):
+                        stop_here(step)
+                    try:
+                        row = self.train_step(model, batches, step + 1)
+                    except NonFiniteError as exc:
+                        if t.nan_policy != "skip":
+                            message = f"{exc}; {last_good_checkpoint(self.run_dir)}"
+                            raise NonFiniteError(message, exc.what) from exc
+                        optimizer.zero_grad(set_to_none=True)  # the update is dropped, the data consumed
+                        row = None
+                        skipped += 1
+                        if acc.is_main_process:
+                            self.console.print(f"[yellow]skipped[/] {exc} (nan_policy: skip)")
+                    else:
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    window_tokens += row["tokens"]
-                    total_tokens += row["tokens"]
-                    first_loss = row["loss"] if first_loss is None else first_loss
-                    if step % t.log_every == 0 or step == self.total_steps:
+                    eval_due = bool(t.eval_every) and step % t.eval_every == 0
+                    if row is not None:
+                        window_tokens += row["tokens"]
+                        total_tokens += row["tokens"]
+                        first_loss = row["loss"] if first_loss is None else first_loss
+                    if row is None:  # a skipped update: logged, so the metric table counts it
+                        if metrics:
+                            metrics.add({"step": step, "skipped": 1, "skipped_steps": skipped})
+                        if eval_due:
+                            ev = evaluate_or_stop(step)
+                            if metrics:
+                                metrics.add({"step": step, **ev})
+                    elif step % t.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
                         row |= {
                             "step": step,
@@ -272,25 +400,28 @@ class Trainer:
                             "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                             "elapsed_s": now - started,
                         }
+                        if t.nan_policy == "skip":
+                            row["skipped_steps"] = skipped
                         window_tokens, window_start = 0, now
-                        if t.eval_every and step % t.eval_every == 0:
-                            row |= self.evaluate(model)
+                        if eval_due:
+                            row |= evaluate_or_stop(step, row)
                         if metrics:
                             metrics.add({"step": row.pop("step"), **row})
                         progress.update(
                             task, info=f"loss {row['loss']:.4f}", rate=f"{row['tokens_per_s']:.0f} tok/s"
                         )
-                    elif t.eval_every and step % t.eval_every == 0 and metrics:
-                        metrics.add({"step": step, **self.evaluate(model)})
+                    elif eval_due:
+                        ev = evaluate_or_stop(step)
+                        if metrics:
+                            metrics.add({"step": step, **ev})
                     progress.update(task, completed=step)
                     if t.save_every and step % t.save_every == 0 and step < self.total_steps:
-                        save_checkpoint(acc, self.run_dir, step, {"stage": spec.get_state()}, t.keep_last)
-                        last_saved = step
-                        if metrics:
-                            metrics.flush()
+                        save(step)
+                    if self._stop_requested(stop):
+                        stop_here(step)
                     if step >= self.total_steps:
                         break
-        final_eval = self.evaluate(model)
+            final_eval = evaluate_or_stop(step, final=True)
         if metrics and final_eval:
             metrics.add({"step": step, "final": True, **final_eval})
         if metrics:
@@ -305,4 +436,5 @@ class Trainer:
             "elapsed_s": elapsed,
             "tokens_per_s": total_tokens / max(elapsed, 1e-9),
             "last_checkpoint_step": last_saved,
+            "skipped_steps": skipped,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         if resume_step is not None and self.jsonl.exists():
             # keep what the checkpoint covers; later rows are recomputed by the resumed run
-            old = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in old if r.get("step", 0) <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.rows = [r for r in read_rows(self.jsonl) if r.get("step", 0) <= resume_step]
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")  # rewritten whole: a kill here must not lose the log
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.jsonl)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -41,6 +43,19 @@ class MetricsLog:
 
     def series(self, key: str) -> list[float]:
         return [r[key] for r in self.rows if key in r]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL log; a line cut short by a killed process (the last one) is left out."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def fmt(value: Any) -> str:

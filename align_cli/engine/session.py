@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,11 @@ def finish_run(
     metrics: MetricsLog | None = result["metrics"]
     last = next((r for r in reversed(metrics.rows) if "loss" in r), {}) if metrics else {}
     trainable, total = count_parameters(accelerator.unwrap_model(model))
-    train_stats = data_stats["train"]
+    for name, stats in data_stats.items():  # every record read is either trained on or counted as dropped
+        if stats.read != stats.kept + sum(stats.dropped.values()):
+            logging.getLogger("align").warning(
+                "data accounting (%s) does not add up: %s", name, stats.describe()
+            )
     summary = {
         "stage": stage,
         "run_dir": str(run_dir),
@@ -104,6 +109,7 @@ def finish_run(
         "peak_memory_mb": peak_memory_mb(),
         "parameters_trainable": trainable,
         "parameters_total": total,
+        "skipped_steps": result.get("skipped_steps", 0),
         "data": {name: stats.as_dict() for name, stats in data_stats.items()},
     }
     if accelerator.is_main_process:
@@ -119,7 +125,12 @@ def finish_run(
             ("tokens/s (train)", summary["tokens_per_s"]),
             ("peak memory (MB)", summary["peak_memory_mb"]),
             ("trainable / total params", f"{trainable:,} / {total:,}"),
-            ("examples", train_stats.describe()),
+            *[(f"examples ({name})", stats.describe()) for name, stats in data_stats.items() if stats.read],
+            *(
+                [("skipped steps (non-finite)", summary["skipped_steps"])]
+                if recipe.training.nan_policy == "skip" or summary["skipped_steps"]
+                else []
+            ),
             ("elapsed (s)", summary["elapsed_s"]),
             ("final model", str(final_dir)),
         ]

@@ -36,6 +36,7 @@ from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
+from align_cli.memory import print_estimate
 from align_cli.models import ModelError, load_causal_lm, load_tokenizer
 from align_cli.recipe import DPOSection, LoraSection, Recipe, RecipeError
 from align_cli.reference_cache import attach_reference_logps, compute_logps, model_identity, summed_logps
@@ -306,6 +307,7 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
     run_dir, accelerator = open_run(recipe, resume)
 
     reference: Reference | None = None
+    ref_model: torch.nn.Module | None = None
     ref_info: dict[str, Any] = {"mode": "none (reference_free)" if cfg.reference_free else "cache"}
     if not cfg.reference_free and cfg.reference_cache:
         sets = {"train": train_all, "eval": held}
@@ -340,6 +342,7 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
         compute_loss=make_compute_loss(cfg, reference),
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
+    print_estimate(recipe, model, accelerator, console, frozen={"reference": ref_model})
     result = trainer.run(resume=resume)
     plots = ("loss", "eval/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin")
     summary = finish_run(

@@ -20,6 +20,8 @@ from the engine's parts (accelerator, optimizer, scheduler, checkpoints, metrics
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from typing import Any
 
@@ -40,13 +42,23 @@ from align_cli import losses as L
 from align_cli.data.collate import pad_collate
 from align_cli.data.formats import SFT_KINDS, load_records
 from align_cli.data.preference import collate_responses
-from align_cli.data.prompts import Prompt, load_prompts
-from align_cli.data.tokenize import IGNORE_INDEX, tokenize_sft
+from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from align_cli.engine.loop import build_optimizer, build_scheduler
-from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.engine.distributed import configure_deepspeed, for_generation, mean_across
+from align_cli.engine.faults import fault_point
+from align_cli.engine.loop import (
+    NonFiniteError,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    last_good_checkpoint,
+)
+from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read_rows
 from align_cli.engine.session import open_run
+from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.generation import SamplingParams, sample
+from align_cli.memory import print_estimate
 from align_cli.models import (
     count_parameters,
     load_causal_lm,
@@ -72,6 +84,11 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        # FSDP auto-wrap (recipes/accelerate/fsdp.yaml) shards by these layer classes of both models
+        models = [m for m in (policy, value_model) if m is not None]
+        self._no_split_modules = sorted(
+            {c for m in models for c in getattr(m, "_no_split_modules", None) or []}
+        )
         hidden = policy.get_output_embeddings().in_features
         self.value_head = nn.Linear(hidden, 1) if value_model is None else None
         if self.value_head is not None:
@@ -147,8 +164,11 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
         prompts_per_batch=len(prompts),
     )
     prompt_ids = [x.ids(recipe.data.template, tok) for x in prompts]
-    policy = ctx["accelerator"].unwrap_model(actor).policy
-    samples = sample(policy, tok, prompt_ids, params)
+    acc = ctx["accelerator"]
+    with for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process keeps stepping
+        samples = sample(
+            unwrapped.policy, tok, prompt_ids, params, first_batch=acc.process_index, synced_gpus=synced
+        )
     examples = [{"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples]
     batch = collate_responses(examples, tok.pad_token_id)
     batch = {k: batch[k].to(ctx["accelerator"].device) for k in ("input_ids", "attention_mask", "labels")}
@@ -157,7 +177,7 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
     actor.eval()
     logps, values, _ = actor(**batch)
     actor.train()
-    ref_logps, _ = response_logprobs(ctx["reference"], batch)
+    ref_logps, _ = reference_logprobs(ctx, batch)
     texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     finished = torch.tensor([s.finished for s in samples], device=mask.device)
     prompt_texts = [x.text(recipe.data.template, ctx["scorer_tokenizer"]) for x in prompts]
@@ -195,6 +215,24 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
     }
 
 
+def reference_logprobs(
+    ctx: dict[str, Any], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref of the response tokens: the frozen SFT model, or under LoRA the policy itself with its
+    adapters disabled (its base weights are the SFT weights: no second copy in memory)."""
+    if ctx["reference"] is not None:
+        return response_logprobs(ctx["reference"], batch)
+    acc = ctx["accelerator"]
+    with for_generation(acc, ctx["actor"]) as (unwrapped, _):
+        policy = unwrapped.policy
+        was_training = policy.training
+        policy.eval()
+        with policy.disable_adapter(), acc.autocast():
+            out = response_logprobs(policy, batch)
+        policy.train(was_training)
+    return out
+
+
 # ----------------------------------------------------------------------------- one update
 
 
@@ -204,7 +242,8 @@ def ptx_batch(ctx: dict[str, Any], iteration: int, index: int) -> dict[str, torc
     if not data:
         return None
     size = ctx["recipe"].ppo.ptx_batch_size
-    start = ((iteration * 1000 + index) * size) % len(data)
+    acc = ctx["accelerator"]  # each process takes its own slice
+    start = (((iteration * 1000 + index) * acc.num_processes + acc.process_index) * size) % len(data)
     chosen = [data[(start + i) % len(data)] for i in range(size)]
     batch = pad_collate(chosen, ctx["tokenizer"].pad_token_id)
     return {k: v.to(ctx["accelerator"].device) for k, v in batch.items()}
@@ -214,13 +253,14 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
     """Step 5: ppo_epochs passes of mini-batch updates on one rollout; returns mean statistics."""
     p, acc, actor = ctx["recipe"].ppo, ctx["accelerator"], ctx["actor"]
     n = ro["mask"].shape[0]
+    mini = p.mini_batch_size // acc.num_processes  # mini_batch_size counts rollouts of all processes
     gen = torch.Generator().manual_seed(ctx["recipe"].training.seed * 7919 + iteration)
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(p.ppo_epochs):
         order = torch.randperm(n, generator=gen).tolist()
-        for start in range(0, n, p.mini_batch_size):
-            rows = order[start : start + p.mini_batch_size]
+        for start in range(0, n, mini):
+            rows = order[start : start + mini]
             mb = {k: v[rows] for k, v in ro["batch"].items()}
             lengths = ro["lengths"][rows]
             width = int(lengths.max())
@@ -247,15 +287,58 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
                 loss = loss + p.ptx_coef * ptx_loss
                 stats["loss/ptx"] = ptx_loss
             acc.backward(loss)
+            if steps == 0:
+                fault_point("step", iteration + 1)
             max_norm = ctx["recipe"].training.max_grad_norm or float("inf")
             stats["grad_norm"] = acc.clip_grad_norm_(actor.parameters(), max_norm)
+            if not finite_or_skip(ctx, loss, stats["grad_norm"], iteration):
+                continue
             ctx["optimizer"].step()
             ctx["scheduler"].step()
             ctx["optimizer"].zero_grad(set_to_none=True)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(torch.as_tensor(v).detach())
             steps += 1
-    return {k: v / steps for k, v in totals.items()}
+    return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+def finite_or_skip(ctx: dict[str, Any], loss: torch.Tensor, grad_norm: Any, iteration: int) -> bool:
+    """The NaN guard of one update: True to apply it; False to drop it (``training.nan_policy: skip``,
+    counted); with the default policy a NaN/inf loss or gradient ends the run, last checkpoint kept."""
+    where, scaler = f"ppo iteration {iteration + 1}", ctx["accelerator"].scaler
+    try:
+        check_finite(float(loss.detach()), float(grad_norm), where, scaler)
+    except NonFiniteError as exc:
+        if ctx["recipe"].training.nan_policy != "skip":
+            raise NonFiniteError(f"{exc}; {last_good_checkpoint(ctx['run_dir'])}", exc.what) from exc
+        ctx["optimizer"].zero_grad(set_to_none=True)
+        ctx["skipped"] += 1
+        return False
+    return True
+
+
+def checkpoint_state(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": {"kl_ctl": ctx["kl_ctl"].state_dict()}, "skipped_steps": ctx["skipped"]}
+
+
+def stop_at(ctx: dict[str, Any], stop: StopFlag, iteration: int, metrics: MetricsLog | None) -> None:
+    """A requested stop: checkpoint at ``iteration`` (unless one is there already) and end the run."""
+    run_dir = ctx["run_dir"]
+    found = latest_checkpoint(run_dir)
+    if found is None or int(found.name.split("-")[1]) != iteration:
+        t = ctx["recipe"].training
+        found = save_checkpoint(ctx["accelerator"], run_dir, iteration, checkpoint_state(ctx), t.keep_last)
+    if metrics:
+        metrics.flush()
+    raise StoppedBySignal("ppo", run_dir, iteration, stop.name or "signal", found)
+
+
+def keep_samples_until(path: Any, iteration: int) -> None:
+    """On resume, samples.jsonl keeps the iterations the checkpoint covers (the rest are redone)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_rows(path) if r.get("iteration", 0) <= iteration]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def rollout_metrics(ro: dict[str, Any], kl_coef: float) -> dict[str, float]:
@@ -308,9 +391,11 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail before anything is built
     tokenizer = load_tokenizer(ModelSection(name_or_path=policy_dir))
-    ptx = []
+    room = recipe.data.max_length - p.max_new_tokens
+    prompts, prompt_stats = fit_prompts(prompts, tokenizer, recipe.data.template, room)
+    ptx, ptx_stats = [], DataStats()
     if p.ptx_data:
-        ptx, _ = tokenize_sft(
+        ptx, ptx_stats = tokenize_sft(
             load_records(p.ptx_data, "auto", SFT_KINDS),
             tokenizer,
             recipe.data.template,
@@ -320,27 +405,45 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     set_seed(t.seed)
     policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
     policy = load_causal_lm(policy_section)
-    reference = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)).eval()
-    reference.requires_grad_(False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if p.rollout_batch_size % world or p.mini_batch_size % world:
+        raise RecipeError(
+            f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) "
+            f"count rollouts over all {world} processes and must be multiples of that number"
+        )
+    reference = None  # under LoRA: the policy with its adapters disabled
+    if not recipe.model.lora.enabled:
+        reference = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)).eval()
+        reference.requires_grad_(False)
     scorer_tokenizer = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id).eval()
     scorer.requires_grad_(False)
     value_model = None
     if p.value_model == "reward_model":
-        value_model = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id)
+        # under LoRA the value model trains adapters too (and its whole scalar head)
+        value_section = ModelSection(
+            name_or_path=scorer_dir,
+            lora=recipe.model.lora,
+            gradient_checkpointing=recipe.model.gradient_checkpointing,
+        )
+        value_model = load_reward_model(value_section, scorer_tokenizer.pad_token_id)
         if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise RecipeError("ppo.value_model=reward_model needs the policy's tokenizer; use policy_head")
     actor = ActorCritic(policy, value_model)
 
     run_dir, acc = open_run(recipe, resume)
     iterations = t.max_steps or p.iterations
-    per_rank = max(1, p.rollout_batch_size // acc.num_processes)
-    steps_per_iteration = p.ppo_epochs * -(-per_rank // p.mini_batch_size)
+    steps_per_iteration = p.ppo_epochs * -(-p.rollout_batch_size // p.mini_batch_size)
     optimizer = build_optimizer(actor, t)
     scheduler = build_scheduler(optimizer, t, iterations * steps_per_iteration)
+    configure_deepspeed(acc, p.mini_batch_size // acc.num_processes)
     actor, optimizer, scheduler = acc.prepare(actor, optimizer, scheduler)
-    reference.to(acc.device)
+    if reference is not None:
+        reference.to(acc.device)
     scorer.to(acc.device)
+    value_config = value_model.config if value_model is not None else None
+    frozen = {"reference": reference, "reward model": scorer}
+    print_estimate(recipe, actor, acc, console, frozen, policy.config, value_config)
     kl_ctl = (
         L.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         if p.adaptive_kl
@@ -358,6 +461,8 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         "scheduler": scheduler,
         "kl_ctl": kl_ctl,
         "ptx": ptx,
+        "run_dir": run_dir,
+        "skipped": 0,  # updates dropped for a NaN/inf loss or gradient (nan_policy: skip)
     }
     start = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -365,11 +470,15 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         state = load_checkpoint(acc, checkpoint)
         start = state["step"]
         kl_ctl.load_state_dict(state["stage"]["kl_ctl"])
+        ctx["skipped"] = state.get("skipped_steps", 0)
+        if acc.is_main_process:
+            keep_samples_until(run_dir / "samples.jsonl", start)
         console.print(f"[bold]resumed[/] from {checkpoint} at iteration {start}")
     metrics = MetricsLog(run_dir, resume_step=start) if acc.is_main_process else None
     console.print(
         f"[bold]ppo[/]: policy {policy_dir}, reward model {scorer_dir}, value: {p.value_model}, "
-        f"{len(prompts)} prompts, {iterations} iterations x {p.rollout_batch_size} rollouts"
+        f"{len(prompts)} prompts, {iterations} iterations x {p.rollout_batch_size} rollouts; "
+        f"prompts: {prompt_stats.describe()}"
     )
     order_gen = torch.Generator().manual_seed(t.seed)
     prompt_order = torch.randperm(len(prompts), generator=order_gen).tolist()
@@ -382,7 +491,11 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not acc.is_main_process) as progress:
+    # SIGTERM/SIGINT only set a flag: checked after the rollout (nothing applied yet) and after each iteration
+    with (
+        Progress(*columns, console=console, disable=not acc.is_main_process) as progress,
+        stop_on_signals() as stop,
+    ):
         task = progress.add_task("ppo", total=iterations, completed=start, info="")
         for iteration in range(start, iterations):
             # prompt position is a function of the iteration, so a resumed run sees the same prompts
@@ -390,7 +503,19 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
             chosen = [prompt_order[(first + i) % len(prompts)] for i in range(p.rollout_batch_size)]
             mine = [prompts[i] for i in chosen[acc.process_index :: acc.num_processes]]
             ro = rollout(ctx, mine, iteration)
-            row = {"step": iteration + 1, **rollout_metrics(ro, kl_ctl.value), **update(ctx, ro, iteration)}
+            if stop_requested(stop, acc):
+                stop_at(ctx, stop, iteration, metrics)
+            stats = {**rollout_metrics(ro, kl_ctl.value), **update(ctx, ro, iteration)}
+            if acc.num_processes > 1:  # means over every process's rollouts (the KL controller sees all)
+                stats["score/sq_mean"] = (ro["scores"] ** 2).mean().item()
+                stats = mean_across(acc, stats, len(mine))
+                var = stats.pop("score/sq_mean") - stats["score/mean"] ** 2
+                stats["score/std"] = math.sqrt(
+                    max(var, 0.0) * p.rollout_batch_size / (p.rollout_batch_size - 1)
+                )
+            row = {"step": iteration + 1, **stats}
+            if t.nan_policy == "skip":
+                row["skipped_steps"] = ctx["skipped"]
             row["lr"] = scheduler.get_last_lr()[0]
             row["elapsed_s"] = time.perf_counter() - started
             kl_ctl.update(row["objective/kl"], p.rollout_batch_size)
@@ -418,19 +543,29 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
                 info=f"score {row['score/mean']:.3f} kl {row['objective/kl']:.3f}",
             )
             if t.save_every and (iteration + 1) % t.save_every == 0 and iteration + 1 < iterations:
-                save_checkpoint(
-                    acc, run_dir, iteration + 1, {"stage": {"kl_ctl": kl_ctl.state_dict()}}, t.keep_last
-                )
+                save_checkpoint(acc, run_dir, iteration + 1, checkpoint_state(ctx), t.keep_last)
                 if metrics:
                     metrics.flush()
+            if stop_requested(stop, acc):
+                stop_at(ctx, stop, iteration + 1, metrics)
     final_dir = run_dir / FINAL
     unwrapped = acc.unwrap_model(actor)
+    full = acc.get_state_dict(actor)  # every process joins: gathers ZeRO-3 / FSDP shards
     if acc.is_main_process:
-        save_model(unwrapped.policy, tokenizer, final_dir)
+        part = {  # "policy.x" -> "x": the policy's (or, under LoRA, its adapter's) own state dict
+            name: {k[len(name) + 1 :]: v for k, v in full.items() if k.startswith(name + ".")}
+            for name in ("policy", "value_model", "value_head")
+        }
+        save_model(unwrapped.policy, tokenizer, final_dir, state_dict=part["policy"])
         if unwrapped.value_model is not None:
-            save_model(unwrapped.value_model, scorer_tokenizer, run_dir / "final-value")
+            save_model(
+                unwrapped.value_model,
+                scorer_tokenizer,
+                run_dir / "final-value",
+                state_dict=part["value_model"],
+            )
         else:
-            torch.save(unwrapped.value_head.state_dict(), run_dir / "value_head.pt")
+            torch.save(part["value_head"], run_dir / "value_head.pt")
         metrics.flush()
         plot_metrics(
             metrics, ["score/mean", "objective/kl", "loss/policy", "loss/value"], run_dir / "metrics.png"
@@ -451,6 +586,8 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         "peak_memory_mb": peak_memory_mb(),
         "parameters_trainable": trainable,
         "parameters_total": total,
+        "skipped_steps": ctx["skipped"],
+        "data": {"prompts": prompt_stats.as_dict(), **({"ptx": ptx_stats.as_dict()} if p.ptx_data else {})},
     }
     if acc.is_main_process:
         write_summary(run_dir, summary)
@@ -462,6 +599,13 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
                 ("score (last iteration)", summary["last_score"]),
                 ("KL to reference (last)", summary["last_kl"]),
                 ("kl_coef (final)", kl_ctl.value),
+                ("prompts", prompt_stats.describe()),
+                *([("ptx examples", ptx_stats.describe())] if p.ptx_data else []),
+                *(
+                    [("skipped updates (non-finite)", ctx["skipped"])]
+                    if t.nan_policy == "skip" or ctx["skipped"]
+                    else []
+                ),
                 ("peak memory (MB)", summary["peak_memory_mb"]),
                 ("elapsed (s)", summary["elapsed_s"]),
                 ("final model", str(final_dir)),

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,10 +34,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from align_cli.data.prompts import Prompt, load_prompts
+from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
-from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm
+from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm, shard_batches
 from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.runs import last_output, record_output, write_summary
@@ -129,8 +131,20 @@ def sample_and_score(
     backend: str,
     console: Console,
 ) -> tuple[list[Sample], list[str], list[float]]:
-    """Sample n responses per prompt from the policy in ``policy_dir`` and score them."""
+    """Sample n responses per prompt from the policy in ``policy_dir`` and score them.
+
+    Under several processes each samples and scores a contiguous share of the prompts in whole batches
+    (seeded by global batch index, so the samples do not depend on the number of processes) and every
+    process gets all results back, in prompt order. vLLM manages its own GPUs: the main process samples
+    everything there."""
     rs, template = recipe.rejection, recipe.data.template
+    state = PartialState()
+    if backend == "vllm":
+        start, stop, first = (0, len(prompts), 0) if state.is_main_process else (0, 0, 0)
+    else:
+        start, stop, first = shard_batches(
+            len(prompts), rs.prompts_per_batch, state.process_index, state.num_processes
+        )
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
     params = SamplingParams(
         n=n,
@@ -141,7 +155,7 @@ def sample_and_score(
         seed=seed,
         prompts_per_batch=rs.prompts_per_batch,
     )
-    prompt_ids = [p.ids(template, policy_tok) for p in prompts]
+    prompt_ids = [p.ids(template, policy_tok) for p in prompts[start:stop]]
     columns = (
         TextColumn("[bold]sampling"),
         BarColumn(),
@@ -150,8 +164,9 @@ def sample_and_score(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("sample", total=len(prompts) * n, rate="-")
+    samples: list[Sample] = []
+    with Progress(*columns, console=console, disable=not state.is_main_process) as progress:
+        task = progress.add_task("sample", total=len(prompt_ids) * n, rate="-")  # this process's share
         started = time.perf_counter()
 
         def advance(done: int) -> None:
@@ -159,16 +174,22 @@ def sample_and_score(
             finished = progress.tasks[0].completed
             progress.update(task, rate=f"{finished / (time.perf_counter() - started):.1f}")
 
-        if backend == "vllm":
+        if backend == "vllm" and prompt_ids:
             samples = sample_vllm(policy_dir, policy_tok, prompt_ids, params)
             advance(len(samples))
-        else:
+        elif prompt_ids:
             policy = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype))
-            samples = sample(policy, policy_tok, prompt_ids, params, progress=advance)
+            policy.to(state.device)
+            samples = sample(policy, policy_tok, prompt_ids, params, progress=advance, first_batch=first)
             del policy
+    for s in samples:
+        s.prompt_index += start
     texts = [policy_tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     prompt_texts = [prompts[s.prompt_index].text(template, scorer_tok) for s in samples]
-    rewards = score(scorer, scorer_tok, prompt_texts, texts, template, rs.score_batch_size)
+    rewards = score(scorer, scorer_tok, prompt_texts, texts, template, rs.score_batch_size) if texts else []
+    if state.num_processes > 1:  # every process gets every result, in prompt order (contiguous shares)
+        gathered = gather_object(list(zip(samples, texts, rewards)))
+        samples, texts, rewards = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
     return samples, texts, rewards
 
 
@@ -189,11 +210,14 @@ def run_round(
     samples, texts, rewards = sample_and_score(
         policy_dir, scorer, scorer_tok, prompts, recipe, seed, rs.n, backend, console
     )
-    round_dir.mkdir(parents=True, exist_ok=True)
+    state = PartialState()  # every process holds all results; the main process writes the files
+    write = _write_jsonl if state.is_main_process else lambda path, rows: None
+    if state.is_main_process:
+        round_dir.mkdir(parents=True, exist_ok=True)
     per_prompt: list[list[int]] = [[] for _ in prompts]
     for i, s in enumerate(samples):
         per_prompt[s.prompt_index].append(i)
-    _write_jsonl(
+    write(
         round_dir / "samples.jsonl",
         [
             {
@@ -212,6 +236,7 @@ def run_round(
     for p, idx in enumerate(per_prompt):
         prompt_rewards = [rewards[i] for i in idx]
         chosen = select(prompt_rewards, rs.select, rs.keep, rs.threshold)
+        chosen = [c for c in chosen if texts[idx[c]].strip()]  # an empty reply is no SFT example
         if rs.keep_previous_best and chosen:
             top = idx[chosen[0]]
             if p not in best_so_far or rewards[top] > best_so_far[p][0]:
@@ -231,8 +256,9 @@ def run_round(
                     "margin": rewards[hi] - rewards[lo],
                 }
             )
-    _write_jsonl(round_dir / "best.jsonl", best_rows)
-    _write_jsonl(round_dir / "pairs.jsonl", pair_rows)
+    write(round_dir / "best.jsonl", best_rows)
+    write(round_dir / "pairs.jsonl", pair_rows)
+    state.wait_for_everyone()  # e.g. `then: sft` on every process reads best.jsonl next
     table = best_of_n_table([[rewards[i] for i in idx] for idx in per_prompt])
     return {
         "table": table,
@@ -275,14 +301,20 @@ def run_rejection_sampling(
     console = console or Console()
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
-    prompts = load_prompts(prompt_source, recipe.data.hub_split, rs.max_prompts)  # bad lines fail here
+    prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail here
+    room = recipe.data.max_length - rs.max_new_tokens  # too long: dropped and counted, as is max_prompts
+    policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    prompts, prompt_stats = fit_prompts(prompts, policy_tok, recipe.data.template, room, rs.max_prompts)
     scorer_tok = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tok.pad_token_id)
     backend = choose_backend(rs.backend)
-    run_dir, _ = open_run(recipe, resume=False)
+    run_dir, accelerator = open_run(recipe, resume=False)
+    scorer.to(accelerator.device)
+    main = accelerator.is_main_process
     console.print(
         f"[bold]rejection sampling[/]: policy {policy_dir}, reward model {scorer_dir}, "
-        f"{len(prompts)} prompts x {rs.n} samples, generation backend: {backend}"
+        f"{len(prompts)} prompts x {rs.n} samples, generation backend: {backend}; "
+        f"prompts: {prompt_stats.describe()}"
     )
     start_policy, rounds, best_so_far = policy_dir, [], {}
     for r in range(1, rs.rounds + 1):
@@ -315,7 +347,8 @@ def run_rejection_sampling(
         figures["policy_after"] = policy_dir
         rounds.append(figures)
     for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
-        shutil.copy(run_dir / f"round-{rs.rounds}" / name, run_dir / name)
+        if main:
+            shutil.copy(run_dir / f"round-{rs.rounds}" / name, run_dir / name)
     summary = {
         "stage": "rejection-sample",
         "run_dir": str(run_dir),
@@ -323,6 +356,7 @@ def run_rejection_sampling(
         "reward_model": scorer_dir,
         "rounds": rounds,
         "backend": backend,
+        "data": {"prompts": prompt_stats.as_dict()},
     }
     if rs.then == "sft":
         evaluation = {}
@@ -333,12 +367,14 @@ def run_rejection_sampling(
             )
             evaluation[label] = sum(rewards) / len(rewards)
         summary["policy_mean_reward"] = evaluation
-        record_output("rejection-sample", Path(policy_dir))
+        if main:
+            record_output("rejection-sample", Path(policy_dir))
         table = Table(title="policy mean sampled reward")
         table.add_column("policy")
         table.add_column("mean reward", justify="right")
         table.add_row(f"start ({start_policy})", fmt(evaluation["start"]))
         table.add_row(f"after {rs.rounds} round(s) of best-of-{rs.n} + SFT", fmt(evaluation["final"]))
         console.print(table)
-    write_summary(run_dir, summary)
+    if main:
+        write_summary(run_dir, summary)
     return summary

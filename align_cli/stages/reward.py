@@ -32,6 +32,7 @@ from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.metrics import print_table
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
+from align_cli.memory import print_estimate
 from align_cli.models import ModelError, load_reward_model, load_tokenizer, reward_scores
 from align_cli.recipe import ModelSection, Recipe, RecipeError, RewardSection
 from align_cli.runs import last_output
@@ -205,6 +206,7 @@ def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = N
         compute_loss=make_compute_loss(recipe.reward.center_coef),
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
+    print_estimate(recipe, model, accelerator, console)
     result = trainer.run(resume=resume)
     if result["final_eval"]:
         result["final_eval"]["eval/reward_std"] = reward_std(result["final_eval"], "eval/")

@@ -21,6 +21,7 @@ from align_cli.data.formats import PREFERRED_FT_KINDS, SFT_KINDS, load_records
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.memory import print_estimate
 from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
 from align_cli.recipe import Recipe
 
@@ -75,5 +76,6 @@ def run_sft(recipe: Recipe, resume: bool = False, console: Console | None = None
         compute_loss=sft_loss,
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
+    print_estimate(recipe, model, accelerator, console)
     result = trainer.run(resume=resume)
     return finish_run("sft", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console)

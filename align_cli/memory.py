@@ -1,0 +1,393 @@
+"""How much accelerator memory a run needs, estimated before it starts (and by `align plan` without any
+weights: the models are built on PyTorch's "meta" device from their config alone).
+
+Per device, for the model being trained: weights (their dtype; 4-bit NF4 about 0.52 byte per weight of
+the quantized linear layers), gradients (trainable parameters only), optimizer state (AdamW: two
+moments in the parameter dtype, 8 bytes per parameter in fp32; 8-bit AdamW about 2 bytes), and
+activations kept for the backward pass. Activations follow Korthikanti et al. (2022) for a block with
+an attention kernel that never stores the s x s matrix (SDPA / flash): about (7 h + 3 i) values per
+token and layer (h hidden size, i MLP size), or only each layer's input h with gradient checkpointing;
+plus the logits of the response positions in fp32. Frozen models (reference, reward model) count
+their weights; sampling (PPO, rejection sampling) counts the KV cache. ZeRO-2 divides gradients and
+optimizer state by the number of processes; ZeRO-3 / FSDP full shard the weights too. The figure is a
+guide (allocator overhead, temporary buffers and fragmentation come on top: leave ~10-20% headroom).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from align_cli.recipe import LoraSection, Recipe
+
+GIB = 2**30
+SHARDING = ("none", "zero2", "zero3")
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 scale per 256 blocks
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: float
+    detail: str = ""
+
+
+@dataclass
+class MemoryEstimate:
+    stage: str
+    components: list[Component] = field(default_factory=list)
+    parameters: int = 0
+    trainable: int = 0
+    processes: int = 1
+    shard: str = "none"
+
+    @property
+    def total(self) -> float:
+        return sum(c.bytes for c in self.components)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "parameters": self.parameters,
+            "trainable": self.trainable,
+            "processes": self.processes,
+            "shard": self.shard,
+            "components_gib": {c.name: round(c.bytes / GIB, 4) for c in self.components},
+            "total_gib": round(self.total / GIB, 4),
+        }
+
+    def table(self, title: str | None = None) -> Table:
+        where = f"{self.processes} process(es), sharding {self.shard}"
+        table = Table(title=title or f"estimated memory per device: align {self.stage} ({where})")
+        table.add_column("component")
+        table.add_column("memory", justify="right")
+        table.add_column("how")
+        for c in self.components:
+            table.add_row(c.name, human_bytes(c.bytes), c.detail)
+        share = f"{self.trainable / max(self.parameters, 1):.2%}"
+        table.add_row(
+            "[bold]total[/]",
+            f"[bold]{human_bytes(self.total)}[/]",
+            f"{self.parameters:,} parameters, {self.trainable:,} trainable ({share}); add 10-20% headroom",
+        )
+        return table
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _quantized_linear(model: nn.Module) -> set[int]:
+    """ids of the weights that 4/8-bit loading quantizes: linear layers, except the heads."""
+    return {
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and name.split(".")[-1] not in ("lm_head", "score", "lora_A", "lora_B")
+        and "lora_" not in name
+    }
+
+
+def weight_bytes(model: nn.Module, bits: int | None = None) -> float:
+    """Bytes of a model's parameters. ``bits`` (4 or 8): as if loaded quantized (for a meta model
+    that `align plan` builds; a model really loaded in 4/8-bit is counted as it is)."""
+    quantized = _quantized_linear(model) if bits else set()
+    total = 0.0
+    for p in model.parameters():
+        if id(p) in quantized:
+            total += p.numel() * (NF4_BYTES if bits == 4 else 1.0)
+        elif bits and p.is_floating_point():
+            total += p.numel() * 4  # peft's k-bit preparation keeps every unquantized weight in fp32
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _dtype_bytes(model: nn.Module) -> int:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.element_size() if p is not None else 4
+
+
+def _dims(config: Any) -> tuple[int, int, int, int, int]:
+    text = getattr(config, "text_config", None) or config
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    i = getattr(text, "intermediate_size", None) or 4 * h
+    return h, i, text.num_hidden_layers, kv * head_dim, text.vocab_size
+
+
+def activation_bytes(config: Any, rows: int, seq: int, act: int, checkpointing: bool, logits: bool) -> float:
+    """Activations kept for backward for ``rows`` sequences of ``seq`` tokens (``act`` bytes a value)."""
+    h, i, layers, _, vocab = _dims(config)
+    tokens = rows * seq
+    per_layer = tokens * (7 * h + 3 * i) * act
+    kept = layers * tokens * h * act + per_layer if checkpointing else layers * per_layer
+    return kept + (tokens * vocab * (act + 8) if logits else 0)  # logits, fp32 copy, log-softmax
+
+
+def kv_cache_bytes(config: Any, rows: int, seq: int, act: int) -> float:
+    _, _, layers, kv_width, _ = _dims(config)
+    return 2 * layers * rows * seq * kv_width * act
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def _shape(recipe: Recipe, processes: int) -> tuple[int, int, str]:
+    """(rows, tokens per row, description) of one micro-batch of the stage."""
+    t, d, stage = recipe.training, recipe.data, recipe.stage
+    if stage in ("reward", "dpo"):  # every response of a pair is one row
+        return (
+            2 * t.micro_batch_size,
+            d.max_length,
+            f"micro-batch {t.micro_batch_size} pairs x {d.max_length}",
+        )
+    if stage == "ppo":
+        p = recipe.ppo
+        rows = max(1, p.mini_batch_size // processes)
+        seq = (d.max_prompt_length or d.max_length) + p.max_new_tokens
+        return rows, seq, f"mini-batch {rows} x (prompt + {p.max_new_tokens} new) {seq}"
+    return t.micro_batch_size, d.max_length, f"micro-batch {t.micro_batch_size} x {d.max_length} tokens"
+
+
+def estimate(
+    recipe: Recipe,
+    trained: nn.Module | None,
+    frozen: dict[str, nn.Module] | None = None,
+    processes: int = 1,
+    shard: str = "none",
+    planned_bits: int | None = None,
+    config: Any = None,
+    value_config: Any = None,
+) -> MemoryEstimate:
+    """The estimate for ``recipe``'s stage: ``trained`` (None: nothing is trained, e.g. rejection
+    sampling without SFT; for PPO the policy and value model together) and the ``frozen`` models held
+    beside it, e.g. {"reference": model}. ``config``: the policy's model config (default: ``trained``'s);
+    ``value_config``: PPO's value model, a reward-model copy, whose activations count too.
+    ``planned_bits``: weights of meta models counted as 4/8-bit (QLoRA planning). Rejection sampling
+    samples, then fine-tunes: the larger of the two phases is reported."""
+    t = recipe.training
+    frozen = frozen or {}
+    est = MemoryEstimate(stage=recipe.stage or "run", processes=processes, shard=shard)
+    first = trained if trained is not None else next(iter(frozen.values()))
+    config = config or first.config
+    act = 2 if t.precision in ("bf16", "fp16") else _dtype_bytes(first)
+    training: list[Component] = []
+    if trained is not None:
+        trainable = [p for p in trained.parameters() if p.requires_grad]
+        n_train = sum(p.numel() for p in trainable)
+        est.parameters = sum(p.numel() for p in trained.parameters())
+        est.trainable = n_train
+        weights = weight_bytes(trained, planned_bits)
+        grads = sum(p.numel() * p.element_size() for p in trainable)
+        if t.optimizer != "adamw":  # bitsandbytes: two 8-bit moments (+ small block scales)
+            optim, how = 2.0 * n_train, f"{t.optimizer}: 2 bytes per trainable"
+        elif shard != "none" and all(p.element_size() == 2 for p in trainable):
+            optim, how = 12.0 * n_train, "adamw under DeepSpeed bf16: fp32 master weights + 2 fp32 moments"
+        else:  # torch AdamW: two moments in each parameter's dtype (peft keeps adapters in fp32)
+            optim = sum(2.0 * p.numel() * p.element_size() for p in trainable)
+            how = f"adamw: two moments, {optim / max(n_train, 1):.0f} bytes per trainable"
+        shards = processes if shard in ("zero2", "zero3") else 1
+        kind = f"{planned_bits}-bit base" if planned_bits else f"{_dtype_bytes(trained)} bytes each"
+        rows, seq, what = _shape(recipe, processes)
+        ckpt = recipe.model.gradient_checkpointing
+        acts = activation_bytes(config, rows, seq, act, ckpt, logits=recipe.stage != "reward")
+        if value_config is not None:
+            acts += activation_bytes(value_config, rows, seq, act, ckpt, logits=False)
+            what += " (policy and value model)"
+        training = [
+            Component(
+                "weights (trained model)",
+                weights / (processes if shard == "zero3" else 1),
+                kind + (f", / {processes} (ZeRO-3 / FSDP)" if shard == "zero3" and processes > 1 else ""),
+            ),
+            Component("gradients", grads / shards, f"{n_train:,} trainable parameters"),
+            Component("optimizer state", optim / shards, how),
+            Component("activations", acts, f"{what}; gradient checkpointing {'on' if ckpt else 'off'}"),
+        ]
+    held = [
+        Component(f"{name} (frozen)", weight_bytes(model), "weights only") for name, model in frozen.items()
+    ]
+    est.parameters += sum(p.numel() for model in frozen.values() for p in model.parameters())
+    sampling: list[Component] = []
+    if recipe.stage in ("ppo", "rejection-sample"):
+        if recipe.stage == "ppo":
+            rows, new = max(1, recipe.ppo.rollout_batch_size // processes), recipe.ppo.max_new_tokens
+        else:
+            rs = recipe.rejection
+            rows, new = rs.prompts_per_batch * rs.n, rs.max_new_tokens
+        seq = (recipe.data.max_prompt_length or recipe.data.max_length) + new
+        sampling = [
+            Component("KV cache (sampling)", kv_cache_bytes(config, rows, seq, act), f"{rows} x {seq} tokens")
+        ]
+    if recipe.stage != "rejection-sample" or not training:
+        est.components = training + held + sampling
+        return est
+    # rejection sampling: the sampling policy is freed before the SFT round; the reward model stays
+    phases = {
+        "sampling": held + sampling,
+        "SFT round": training + [c for c in held if c.name.startswith("reward")],
+    }
+    phase = max(phases, key=lambda k: sum(c.bytes for c in phases[k]))
+    est.components = [replace(c, name=f"{c.name} [{phase}, the larger phase]") for c in phases[phase]]
+    return est
+
+
+# ----------------------------------------------------------------------------- from a config alone
+
+
+def meta_model(
+    config: Any, recipe: Recipe, reward: bool = False, lora: LoraSection | None = None
+) -> nn.Module:
+    """The model ``config`` describes, on the meta device (no memory, no weights), in the recipe's dtype,
+    with the recipe's LoRA adapters when ``lora`` is enabled."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align_cli.models import DTYPES, apply_lora
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        if reward:
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[recipe.model.dtype])
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe.model.dtype])
+        if lora is not None and lora.enabled:
+            model = apply_lora(model, lora, task_type="SEQ_CLS" if reward else "CAUSAL_LM")
+    return model
+
+
+def plan(
+    recipe: Recipe, config: Any, reward_config: Any = None, processes: int = 1, shard: str = "none"
+) -> MemoryEstimate:
+    """The memory estimate of ``recipe`` from model configs only (nothing is downloaded or allocated):
+    the policy's ``config`` and, for PPO / rejection sampling, the reward model's (default: the same)."""
+    if shard not in SHARDING:
+        raise ValueError(f"shard {shard!r}: choose one of {', '.join(SHARDING)}")
+    stage, m = recipe.stage, recipe.model
+    bits = 4 if m.load_in_4bit else 8 if m.load_in_8bit else None
+    reward_config = reward_config or config
+    lora = m.lora if m.lora.enabled else None
+    frozen: dict[str, nn.Module] = {}
+    if stage == "reward":
+        return estimate(recipe, meta_model(config, recipe, True, lora), {}, processes, shard, bits, config)
+    if stage == "rejection-sample":
+        frozen = {
+            "policy (sampling)": meta_model(config, recipe),
+            "reward model": meta_model(reward_config, recipe, True),
+        }
+        trained = meta_model(config, recipe, lora=lora) if recipe.rejection.then == "sft" else None
+        return estimate(recipe, trained, frozen, processes, shard, bits, config)
+    policy: nn.Module = meta_model(config, recipe, lora=lora)
+    value_config = None
+    if stage == "dpo":
+        d = recipe.dpo
+        separate = d.reference_model not in (None, "", m.name_or_path)
+        live = not d.reference_free and not d.reference_cache
+        if live and (separate or not m.lora.enabled):
+            frozen["reference"] = meta_model(config, replace(recipe, model=replace(m, lora=LoraSection())))
+    if stage == "ppo":
+        if not m.lora.enabled:
+            frozen["reference"] = meta_model(config, recipe)
+        frozen["reward model"] = meta_model(reward_config, recipe, True)
+        if recipe.ppo.value_model == "reward_model":  # trained with the policy, as in the PPO stage
+            value_config = reward_config
+            policy = nn.ModuleDict({"policy": policy, "value": meta_model(reward_config, recipe, True, lora)})
+    return estimate(recipe, policy, frozen, processes, shard, bits, config, value_config)
+
+
+def sharding_of(accelerator: Any) -> str:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "zero3"  # full shard (recipes/accelerate/fsdp.yaml)
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return f"zero{stage}" if stage in (2, 3) else "none"
+    return "none"
+
+
+def print_estimate(
+    recipe: Recipe,
+    trained: nn.Module | None,
+    accelerator: Any,
+    console: Console,
+    frozen: dict[str, nn.Module | None] | None = None,
+    config: Any = None,
+    value_config: Any = None,
+) -> MemoryEstimate:
+    """Print the estimate for a run about to start (its loaded models as they are) on the main process."""
+    models = {k: v for k, v in (frozen or {}).items() if v is not None}
+    est = estimate(
+        recipe,
+        trained,
+        models,
+        accelerator.num_processes,
+        sharding_of(accelerator),
+        config=config,
+        value_config=value_config,
+    )
+    if accelerator.is_main_process:
+        console.print(est.table())
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            if est.total > free:
+                console.print(
+                    f"[bold yellow]warning[/]: the estimate ({est.total / GIB:.1f} GiB) exceeds this GPU's "
+                    f"free memory ({free / GIB:.1f} of {total / GIB:.1f} GiB); consider LoRA / QLoRA, "
+                    "gradient checkpointing, a smaller micro-batch, 8-bit AdamW or ZeRO / FSDP"
+                )
+    return est
+
+
+# ----------------------------------------------------------------------------- `align plan`
+
+
+def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """A model's config (config.json only: no weights), for a local directory, a LoRA output (its base
+    model's config) or a hub id (needs the network or the hub cache)."""
+    from transformers import AutoConfig
+
+    from align_cli.models import ModelError, is_adapter_dir
+
+    source = name_or_path
+    if is_adapter_dir(name_or_path):
+        from peft import PeftConfig
+
+        source = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model {name_or_path!r}: could not read its config.json ({str(exc).splitlines()[0]}); "
+            "`align plan` reads only the config, but a hub id needs the network or the local hub cache"
+        ) from exc
+
+
+def plan_recipe(recipe: Recipe, processes: int = 1, shard: str = "none") -> MemoryEstimate:
+    """`align plan`: the estimate of a recipe from its models' configs (chaining like the stages do)."""
+    from align_cli.recipe import RecipeError
+    from align_cli.runs import last_output
+
+    policy = recipe.model.name_or_path or last_output("sft")
+    if not policy:
+        raise RecipeError("plan: no model.name_or_path (--model) and no `align sft` output to chain from")
+    config = read_config(str(policy), recipe.model.trust_remote_code)
+    reward = {"ppo": recipe.ppo.reward_model, "rejection-sample": recipe.rejection.reward_model}.get(
+        recipe.stage or ""
+    )
+    reward = reward or (last_output("reward") if recipe.stage in ("ppo", "rejection-sample") else None)
+    reward_config = read_config(str(reward), recipe.model.trust_remote_code) if reward else None
+    return plan(recipe, config, reward_config, processes, shard)

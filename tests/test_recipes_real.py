@@ -1,0 +1,168 @@
+"""Every shipped recipe parses and resolves to a memory plan without loading (or downloading) weights.
+
+The real-model recipes name hub models that cannot be fetched here, so each is planned from a config
+written out below with the published shapes of that model; the parameter counts built from them on the
+meta device must equal the published sizes, which checks the configs themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, LlamaConfig, MistralConfig
+from typer.testing import CliRunner
+
+from align_cli.cli import app
+from align_cli.data.formats import Record
+from align_cli.data.preference import ranked_responses
+from align_cli.memory import GIB, plan
+from align_cli.recipe import load_recipe
+from tests.conftest import ROOT
+
+RECIPES = ROOT / "recipes"
+GiB = GIB
+
+# published shapes (config.json on the hub) and parameter counts
+MISTRAL_7B = MistralConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    sliding_window=4096,
+    tie_word_embeddings=False,
+)
+LLAMA2_7B = LlamaConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+SMOLLM2_360M = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=960,
+    intermediate_size=2560,
+    num_hidden_layers=32,
+    num_attention_heads=15,
+    num_key_value_heads=5,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+FAMILIES = {  # recipe folder -> (base model id, config, published parameter count)
+    "zephyr-7b": ("mistralai/Mistral-7B-v0.1", MISTRAL_7B, 7_241_732_096),
+    "llama2-hh": ("meta-llama/Llama-2-7b-hf", LLAMA2_7B, 6_738_415_616),
+    "smollm-1gpu": ("HuggingFaceTB/SmolLM2-360M", SMOLLM2_360M, 361_821_120),
+}
+STAGE_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate")
+
+
+def test_every_recipe_folder_is_covered():
+    folders = {p.parent.name for p in STAGE_RECIPES if p.parent != RECIPES}
+    assert folders == set(FAMILIES)
+    assert len(STAGE_RECIPES) >= 12
+
+
+@pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_parses_and_plans(path: Path, tiny_model: Path):
+    recipe = load_recipe(path)
+    assert recipe.stage in ("sft", "reward", "dpo", "ppo", "rejection-sample")
+    family = FAMILIES.get(path.parent.name)
+    config = family[1] if family else AutoConfig.from_pretrained(tiny_model)
+    if family and recipe.model.name_or_path and not recipe.model.name_or_path.startswith("runs/"):
+        assert recipe.model.name_or_path == family[0]
+    estimate = plan(recipe, config)  # no weights: everything on the meta device
+    names = [c.name for c in estimate.components]
+    assert estimate.total > 0 and all(c.bytes >= 0 for c in estimate.components)
+    if not family:
+        return
+    base = family[2]
+    trained_models = 2 if recipe.stage == "ppo" and recipe.ppo.value_model == "reward_model" else 1
+    if recipe.stage == "rejection-sample":  # sampling, then an SFT round: the larger phase is shown
+        assert all("[sampling" in n for n in names) or all("[SFT round" in n for n in names)
+    elif recipe.model.lora.enabled:
+        assert 0 < estimate.trainable < 0.1 * base * trained_models  # adapters only
+    elif recipe.stage == "reward":
+        assert estimate.trainable == pytest.approx(base, rel=0.02)  # LM head swapped for a scalar head
+    else:
+        assert estimate.trainable == base  # full fine-tuning: the published size, exactly
+    if recipe.stage == "ppo" and recipe.model.lora.enabled:
+        assert not any(n.startswith("reference") for n in names)  # adapters disabled = the reference
+    if recipe.stage == "dpo" and recipe.dpo.reference_cache:
+        assert not any(n.startswith("reference") for n in names)  # cached log-probs, no model
+
+
+def test_plans_say_what_fits(tiny_model: Path):
+    """The figures that decide a launch: full 7B SFT does not fit one 80 GB GPU but does on 8 with ZeRO-3;
+    QLoRA DPO of the same 7B fits one 24 GB GPU; the small model fits one GPU."""
+    zephyr_sft = load_recipe(RECIPES / "zephyr-7b" / "sft.yaml")
+    assert 1.1 * plan(zephyr_sft, MISTRAL_7B).total > 80 * GiB  # with the advised 10% headroom
+    sharded = plan(zephyr_sft, MISTRAL_7B, processes=8, shard="zero3")
+    assert sharded.total < 40 * GiB
+    qlora = plan(load_recipe(RECIPES / "zephyr-7b" / "dpo-qlora.yaml"), MISTRAL_7B)
+    weights = next(c for c in qlora.components if c.name.startswith("weights"))
+    assert 3.5 * GiB < weights.bytes < 6 * GiB  # ~0.52 byte per quantized weight, embeddings in fp32
+    assert qlora.total < 24 * GiB
+    assert plan(load_recipe(RECIPES / "smollm-1gpu" / "sft.yaml"), SMOLLM2_360M).total < 24 * GiB
+    full, lora = (
+        plan(load_recipe(None, {"model.name_or_path": "x"}, sets, stage="sft"), LLAMA2_7B)
+        for sets in ([], ["model.lora.enabled=true", "model.lora.r=16"])
+    )
+    assert full.trainable == 6_738_415_616 and lora.trainable == 39_976_960  # all-linear r=16 on Llama-2-7B
+    optimizer = {c.name: c.bytes for c in full.components}["optimizer state"]
+    assert optimizer == 8 * 6_738_415_616  # AdamW: two fp32 moments
+    for c in sharded.components:
+        print(f"  zephyr sft, 8 x ZeRO-3: {c.name:24s} {c.bytes / GiB:7.2f} GiB  {c.detail}")
+    print(f"  total {sharded.total / GiB:.1f} GiB per GPU; QLoRA DPO on one GPU: {qlora.total / GiB:.1f} GiB")
+
+
+def test_align_plan_command(tiny_model: Path):
+    runner = CliRunner()
+    local = ["plan", "-r", str(RECIPES / "sft-tiny.yaml"), "--model", str(tiny_model), "--processes", "2"]
+    result = runner.invoke(app, local)
+    assert result.exit_code == 0, result.output
+    assert "estimated memory per device" in result.output and "global batch" in result.output
+    offline = runner.invoke(app, ["plan", "-r", str(RECIPES / "llama2-hh" / "sft.yaml")])
+    assert offline.exit_code == 2 and "could not read its config.json" in offline.output
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {
+        "multi-gpu.yaml": "MULTI_GPU",
+        "fsdp.yaml": "FSDP",
+        "deepspeed-zero2.yaml": "DEEPSPEED",
+        "deepspeed-zero3.yaml": "DEEPSPEED",
+    }
+    for name, kind in kinds.items():
+        config = load_config_from_file(str(RECIPES / "accelerate" / name))
+        assert config.distributed_type.value == kind, name
+    fsdp = load_config_from_file(str(RECIPES / "accelerate" / "fsdp.yaml")).fsdp_config
+    assert (
+        fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    )
+    zero3 = load_config_from_file(str(RECIPES / "accelerate" / "deepspeed-zero3.yaml")).deepspeed_config
+    assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"]
+
+
+def test_ultrafeedback_style_conversations_split_off_the_prompt():
+    """UltraFeedback-binarized records hold `prompt` and whole conversations as chosen / rejected: the
+    user turn they share is the prompt, never part of a response."""
+    user = {"role": "user", "content": "Name a colour."}
+    fields = {
+        "prompt": "Name a colour.",
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "No."}],
+    }
+    prompt, responses = ranked_responses(Record("uf.jsonl", 1, "preference", fields))
+    assert prompt == [user]
+    assert responses == [
+        [{"role": "assistant", "content": "Blue."}],
+        [{"role": "assistant", "content": "No."}],
+    ]
