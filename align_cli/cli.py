@@ -13,7 +13,11 @@ from rich.logging import RichHandler
 
 from align_cli.recipe import RecipeError, load_recipe
 
-console = Console()
+# Under torchrun / accelerate launch only the main process (RANK 0) prints tables and progress;
+# errors and warnings still come from every process.
+_RANK = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "0")
+_MAIN_PROCESS = int(_RANK) == 0
+console = Console(quiet=not _MAIN_PROCESS)
 err_console = Console(stderr=True)
 
 app = typer.Typer(
@@ -72,7 +76,7 @@ MaxStepsOpt = Annotated[
 
 
 def _setup_logging() -> None:
-    level = os.environ.get("ALIGN_LOG_LEVEL", "INFO")
+    level = os.environ.get("ALIGN_LOG_LEVEL", "INFO" if _MAIN_PROCESS else "WARNING")
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)]
     )
@@ -106,6 +110,7 @@ def _run_stage(
     from align_cli.data.templates import TemplateError
     from align_cli.engine.checkpoint import CheckpointError
     from align_cli.engine.loop import NonFiniteError
+    from align_cli.engine.signals import StoppedBySignal
     from align_cli.models import ModelError
     from align_cli.runs import RunDirError
 
@@ -131,8 +136,21 @@ def _run_stage(
         NonFiniteError,
     ) as exc:
         _fail(str(exc))
+    except StoppedBySignal as stopped:  # a requested stop with a checkpoint saved is a clean exit
+        console.print(f"[bold yellow]{stopped}[/]")
+        console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
+        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+
+
+def resume_command(stage: str, run_dir: Path) -> str:
+    """The command that continues a run: its saved, fully resolved recipe, its directory, --resume."""
+    import shlex
+
+    return shlex.join(
+        ["align", stage, "--recipe", str(run_dir / "recipe.yaml"), "--out", str(run_dir), "--resume"]
+    )
 
 
 def _not_implemented(stage: str) -> None:
@@ -393,6 +411,198 @@ def ppo(
 
     extra = {"ppo.prompts": prompts, "ppo.reward_model": reward_model}
     _run_stage("ppo", run_ppo, recipe, model, data, out, set_, resume, seed, max_steps, extra)
+
+
+# ----------------------------------------------------------------------------- pipelines and evaluation
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align pipeline --recipe examples/sentiment/pipeline.yaml\n\n"
+    "  align pipeline -r examples/sentiment/pipeline.yaml --set output=runs/sentiment-b",
+)
+def pipeline(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe: stages to run in order.")],
+    set_: SetOpt = None,
+) -> None:
+    """Run the stages a pipeline recipe lists (e.g. sft -> reward -> dpo / ppo), chaining outputs.
+
+    Each stage runs in its own directory under `output`; a finished stage is not run again, so an
+    interrupted pipeline continues where it stopped. `@name` in a value means that stage's final model."""
+    from align_cli.pipeline import load_pipeline, run_pipeline
+
+    _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console))
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align frontier --recipe examples/sentiment/frontier.yaml      (what `make demo` runs)",
+)
+def frontier(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe with an evaluate section.")],
+    set_: SetOpt = None,
+) -> None:
+    """Run a pipeline, evaluate every method against the reference, write frontier.csv and frontier.png.
+
+    As in the DPO paper's Figure 2 (left): ground-truth reward against KL(policy || reference) for DPO
+    over several beta, PPO over several KL coefficients, best-of-N over several N, Preferred-FT and
+    the SFT start."""
+    from align_cli.pipeline import load_pipeline, run_frontier
+
+    _guarded(lambda: run_frontier(load_pipeline(recipe, set_), console))
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n"
+    "  align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl \\\n\n"
+    "      --ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
+)
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="The policy to evaluate.")],
+    reference: Annotated[str, typer.Option("--reference", help="The reference policy (e.g. the SFT model).")],
+    prompts: Annotated[str, typer.Option("--prompts", help="Held-out prompt JSONL.")],
+    ground_truth: Annotated[
+        str | None,
+        typer.Option("--ground-truth", help="module:function or file.py:function, text -> reward."),
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option("--reward-model", help="Reward model for scores and win rate.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory for eval.json and eval.jsonl.")
+    ] = None,
+) -> None:
+    """Sample from a policy and its reference: mean reward, RM score, KL(policy || reference), win rate."""
+    from align_cli.data.prompts import load_prompts
+    from align_cli.engine.metrics import print_table
+    from align_cli.evaluate import Evaluator, load_reward_fn
+
+    def run() -> None:
+        fn = load_reward_fn(ground_truth) if ground_truth else None
+        evaluator = Evaluator(
+            reference,
+            load_prompts(prompts),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            ground_truth=fn,
+            reward_model=reward_model,
+        )
+        summary, rows = evaluator.evaluate(model)
+        print_table(f"align eval: {model} vs {reference}", list(summary.items()), console)
+        if out:
+            import json
+
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(summary, indent=1))
+            (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    _guarded(run)
+
+
+def _guarded(action: Any) -> None:
+    """Run ``action``; known errors become one red line and exit code 2."""
+    from align_cli.data.formats import DataError
+    from align_cli.data.templates import TemplateError
+    from align_cli.engine.checkpoint import CheckpointError
+    from align_cli.engine.loop import NonFiniteError
+    from align_cli.engine.signals import StoppedBySignal
+    from align_cli.models import ModelError
+
+    _setup_logging()
+    try:
+        action()
+    except (RecipeError, DataError, TemplateError, ModelError, CheckpointError, NonFiniteError) as exc:
+        _fail(str(exc))
+    except StoppedBySignal as stopped:
+        console.print(f"[bold yellow]{stopped}[/]")
+        console.print("stopped by signal; run the same command again to continue (finished stages are kept)")
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+
+
+# ----------------------------------------------------------------------------- planning and export
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align plan --recipe recipes/zephyr-7b/dpo.yaml\n\n"
+    "  align plan -r recipes/llama2-hh/sft.yaml --processes 8 --shard zero3\n\n"
+    "  align plan -r recipes/sft-tiny.yaml --set model.lora.enabled=true",
+)
+def plan(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe of any training stage.")],
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    processes: Annotated[int, typer.Option("--processes", help="Processes (GPUs) the run will use.")] = 1,
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard", help="none (DDP), zero2 (gradients + optimizer), zero3 (also weights; FSDP)."
+        ),
+    ] = "none",
+) -> None:
+    """Resolve a recipe and estimate its memory per device, reading only the model's config (no weights).
+
+    Weights, gradients, optimizer state (by optimizer), activations of one micro-batch, frozen models
+    (reference, reward model) and the sampling KV cache, so you know before launching whether a run fits."""
+    from align_cli.memory import SHARDING, plan_recipe
+
+    if shard not in SHARDING:
+        _fail(f"--shard {shard!r}: choose one of {', '.join(SHARDING)}")
+    if processes < 1:
+        _fail("--processes: must be >= 1")
+
+    def run() -> None:
+        parsed = load_recipe(recipe, {"model.name_or_path": model}, set_)
+        if not parsed.stage:
+            raise RecipeError(
+                f"recipe {recipe}: no `stage:`; add one (sft, reward, dpo, ppo, rejection-sample)"
+            )
+        estimate = plan_recipe(parsed, processes, shard)
+        t, name = parsed.training, parsed.model.name_or_path or "(chained)"
+        console.print(
+            f"[bold]plan[/] {recipe}: stage {parsed.stage}, model {name}, "
+            f"global batch {t.micro_batch_size} x {t.grad_accum} accumulation x {processes} process(es) = "
+            f"{t.micro_batch_size * t.grad_accum * processes}"
+        )
+        console.print(estimate.table())
+
+    _guarded(run)
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align export --model runs/sft-lora/final --merge-lora --out models/sft-merged\n\n"
+    "  align export -m runs/dpo/final --out models/dpo-bf16 --dtype bfloat16",
+)
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="A run's final model (e.g. RUN/final).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    merge_lora: Annotated[
+        bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into its base weights.")
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float32, bfloat16 or float16; default: as saved.")
+    ] = None,
+) -> None:
+    """Write a model as a standalone directory (safetensors + tokenizer) that loads with from_pretrained.
+
+    With --merge-lora a LoRA run's adapter is folded into its base model's weights (W + B A alpha / r):
+    the result needs no peft and gives the same outputs as the adapter model."""
+    from align_cli.engine.metrics import print_table
+    from align_cli.export import export_model
+
+    _guarded(
+        lambda: print_table(
+            "align export", list(export_model(model, out, merge_lora, dtype).items()), console
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,0 +1,205 @@
+"""`align eval`: what alignment did to a policy, measured against its reference.
+
+For held-out prompts, sample from the policy (temperature 1, no truncation, so log-probs are those of
+the sampling distribution) and report:
+  - the mean ground-truth reward (a recipe-named ``module:function`` of the response text) and/or the
+    mean reward-model score;
+  - the mean sequence KL(pi || pi_ref) = E_{y~pi}[ sum_t log pi(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t) ];
+  - the win rate against the reference's own samples, judged by the reward model.
+Best-of-N from the reference is evaluated the same way, its KL measured from the empirical reward CDF
+of a pool of samples: log (p_bon(y) / p(y)) = log N + (N - 1) log F(r(y)) for continuous rewards, whose
+expectation is the analytic log N - (N - 1) / N.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align_cli.data.preference import collate_responses
+from align_cli.data.prompts import Prompt
+from align_cli.generation import SamplingParams, sample
+from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
+from align_cli.recipe import ModelSection, RecipeError
+from align_cli.scoring import score
+
+
+def load_reward_fn(spec: str) -> Callable[[str], float]:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function (text -> float).
+
+    This is the one place a recipe names Python code: the ground-truth reward for evaluation."""
+    if ":" not in spec:
+        raise RecipeError(f"ground truth {spec!r}: expected module:function or file.py:function")
+    module_name, function = spec.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(location)
+            location.loader.exec_module(module)
+        else:
+            if str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_name)
+        return getattr(module, function)
+    except (ImportError, AttributeError, FileNotFoundError) as exc:
+        raise RecipeError(f"ground truth {spec!r}: cannot load: {exc}") from exc
+
+
+def _params(n: int, max_new_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        seed=seed,
+        prompts_per_batch=16,
+    )
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: Any, pad_id: int, prompt_ids: list[list[int]], responses: list[list[int]]
+) -> torch.Tensor:
+    """log pi(y|x) summed over response tokens, for each (prompt, response)."""
+    out = []
+    for start in range(0, len(responses), 32):
+        examples = [
+            {"prompt_ids": p, "responses": [r], "margin": None}
+            for p, r in zip(prompt_ids[start : start + 32], responses[start : start + 32])
+        ]
+        batch = collate_responses(examples, pad_id)
+        logps, seq = response_logprobs(model, batch)
+        out.append(torch.zeros(len(examples)).index_add(0, seq, logps))
+    return torch.cat(out)
+
+
+class Evaluator:
+    """Samples and scores policies against one reference on one set of prompts."""
+
+    def __init__(
+        self,
+        reference_dir: str,
+        prompts: list[Prompt],
+        template: str = "auto",
+        n: int = 4,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        ground_truth: Callable[[str], float] | None = None,
+        reward_model: str | None = None,
+    ) -> None:
+        if ground_truth is None and reward_model is None:
+            raise RecipeError("eval needs a ground-truth reward function and/or a reward model")
+        self.prompts, self.template, self.n, self.max_new_tokens, self.seed = (
+            prompts,
+            template,
+            n,
+            max_new_tokens,
+            seed,
+        )
+        self.ground_truth = ground_truth
+        self.tokenizer = load_tokenizer(ModelSection(name_or_path=reference_dir))
+        self.reference = load_causal_lm(ModelSection(name_or_path=reference_dir)).eval()
+        self.prompt_ids = [p.ids(template, self.tokenizer) for p in prompts]
+        self.scorer = self.scorer_tok = None
+        if reward_model:
+            from align_cli.models import load_reward_model
+
+            self.scorer_tok = load_tokenizer(ModelSection(name_or_path=reward_model))
+            self.scorer = load_reward_model(
+                ModelSection(name_or_path=reward_model), self.scorer_tok.pad_token_id
+            )
+        self._reference_samples: dict[str, Any] | None = None
+
+    def _score(self, samples: list, texts: list[str]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        if self.ground_truth is not None:
+            out["reward"] = [float(self.ground_truth(t)) for t in texts]
+        if self.scorer is not None:
+            prompt_texts = [
+                self.prompts[s.prompt_index].text(self.template, self.scorer_tok) for s in samples
+            ]
+            out["rm_score"] = score(self.scorer, self.scorer_tok, prompt_texts, texts, self.template)
+        return out
+
+    def _draw(self, model: Any, n: int, seed: int) -> tuple[list, list[str]]:
+        samples = sample(model, self.tokenizer, self.prompt_ids, _params(n, self.max_new_tokens, seed))
+        return samples, [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+
+    def reference_samples(self) -> dict[str, Any]:
+        if self._reference_samples is None:
+            samples, texts = self._draw(self.reference, self.n, self.seed + 1)
+            self._reference_samples = {"samples": samples, "texts": texts, **self._score(samples, texts)}
+        return self._reference_samples
+
+    def evaluate(self, policy_dir: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Summary figures and per-sample rows for the policy in ``policy_dir``."""
+        policy = load_causal_lm(ModelSection(name_or_path=policy_dir)).eval()
+        samples, texts = self._draw(policy, self.n, self.seed)
+        scores = self._score(samples, texts)
+        pad = self.tokenizer.pad_token_id
+        prompts, responses = [s.prompt_ids for s in samples], [s.response_ids for s in samples]
+        kl = sequence_logprobs(policy, pad, prompts, responses) - sequence_logprobs(
+            self.reference, pad, prompts, responses
+        )
+        summary = {"kl": kl.mean().item(), "response_length": sum(map(len, responses)) / len(responses)}
+        for key, values in scores.items():
+            summary[key] = sum(values) / len(values)
+        if "rm_score" in scores:
+            ref = self.reference_samples()["rm_score"]
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores["rm_score"], ref)]
+            summary["win_rate"] = sum(wins) / len(wins)
+        rows = [
+            {
+                "prompt": self.prompts[s.prompt_index].prompt,
+                "response": texts[i],
+                "kl": kl[i].item(),
+                **{k: v[i] for k, v in scores.items()},
+            }
+            for i, s in enumerate(samples)
+        ]
+        return summary, rows
+
+    def best_of_n(self, ns: list[int], pool_factor: int = 4) -> list[dict[str, float]]:
+        """Best-of-N from the reference, selected by the reward model, for each N in ``ns``."""
+        if self.scorer is None:
+            raise RecipeError("best-of-N evaluation needs a reward model to select with")
+        pool_size = max(ns) * pool_factor
+        samples, texts = self._draw(self.reference, pool_size, self.seed + 2)
+        scores = self._score(samples, texts)
+        per_prompt: list[list[int]] = [[] for _ in self.prompts]
+        for i, s in enumerate(samples):
+            per_prompt[s.prompt_index].append(i)
+        rm = scores["rm_score"]
+        rows = []
+        for n in ns:
+            gt, kl_terms, rm_best = [], [], []
+            for p, idx in enumerate(per_prompt):
+                order = idx[:]
+                random.Random(self.seed * 31 + p * 7 + n).shuffle(order)
+                ranked = sorted(idx, key=lambda i: rm[i])
+                mid_rank = {i: (r + 0.5) / len(idx) for r, i in enumerate(ranked)}  # empirical CDF F(r)
+                for g in range(0, len(order) - n + 1, n):
+                    winner = max(order[g : g + n], key=lambda i: rm[i])
+                    rm_best.append(rm[winner])
+                    kl_terms.append(math.log(n) + (n - 1) * math.log(mid_rank[winner]))
+                    if "reward" in scores:
+                        gt.append(scores["reward"][winner])
+            row = {
+                "n": n,
+                "kl": sum(kl_terms) / len(kl_terms),
+                "kl_analytic": math.log(n) - (n - 1) / n,
+                "rm_score": sum(rm_best) / len(rm_best),
+            }
+            if gt:
+                row["reward"] = sum(gt) / len(gt)
+            rows.append(row)
+        return rows

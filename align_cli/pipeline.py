@@ -1,0 +1,263 @@
+"""`align pipeline` and `align frontier`: several stages from one recipe, then their evaluation.
+
+A pipeline recipe lists stages, each a stage recipe plus ``--set`` style overrides; ``@name`` in a
+value stands for the final model of an earlier stage, so outputs chain explicitly. A stage may sweep
+one key over several values (e.g. dpo.beta), becoming one run per value. Every stage runs in its own
+directory under ``output``; a stage whose directory already holds a finished run is not run again,
+so an interrupted pipeline resumes stage by stage. `align frontier` then evaluates every policy
+against the reference and plots reward against KL, one series per method (DPO paper, Figure 2 left).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from align_cli.engine.metrics import fmt
+from align_cli.recipe import RecipeError, _build, load_recipe
+
+
+@dataclass
+class SweepSection:
+    key: str = ""
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StageEntry:
+    name: str = ""
+    stage: str = ""
+    recipe: str | None = None
+    set: list[str] = field(default_factory=list)
+    sweep: SweepSection | None = None
+
+
+@dataclass
+class EvaluateSection:
+    reference: str = "@sft"  # the policy every method is compared with (pi_ref = pi_SFT)
+    prompts: str = ""
+    ground_truth: str | None = None  # module:function, text -> float
+    reward_model: str | None = None
+    n: int = 4  # samples per prompt
+    max_new_tokens: int = 32
+    seed: int = 0
+    methods: dict[str, list[str]] = field(default_factory=dict)  # series -> stage names (sweeps expand)
+    best_of_n: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PipelineRecipe:
+    output: str = "runs/pipeline"
+    stages: list[StageEntry] = field(default_factory=list)
+    evaluate: EvaluateSection | None = None
+
+
+STAGE_RUNNERS = {
+    "sft": "align_cli.stages.sft:run_sft",
+    "reward": "align_cli.stages.reward:run_reward",
+    "dpo": "align_cli.stages.dpo:run_dpo",
+    "ppo": "align_cli.stages.ppo:run_ppo",
+    "rejection-sample": "align_cli.stages.rejection_sampling:run_rejection_sampling",
+}
+
+
+def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRecipe:
+    import yaml
+
+    from align_cli.recipe import _apply, parse_override
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"pipeline recipe {p}: no such file")
+    tree = yaml.safe_load(p.read_text()) or {}
+    for item in sets or []:
+        dotted, value = parse_override(item)
+        _apply(tree, dotted, value)
+    errors: list[str] = []
+    recipe = _build(PipelineRecipe, tree, "", errors)
+    names = set()
+    for i, entry in enumerate(recipe.stages):
+        if entry.stage not in STAGE_RUNNERS:
+            errors.append(f"stages[{i}].stage: {entry.stage!r} is not one of {', '.join(STAGE_RUNNERS)}")
+        if not entry.name:
+            errors.append(f"stages[{i}].name: missing")
+        if entry.name in names:
+            errors.append(f"stages[{i}].name: {entry.name!r} is used twice")
+        names.add(entry.name)
+    if errors:
+        raise RecipeError(f"pipeline recipe {p}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    return recipe
+
+
+def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], float | None]]:
+    """(run name, entry, overrides, swept value) for every run; sweeps become one run per value."""
+    runs = []
+    for entry in entries:
+        if entry.sweep is None:
+            runs.append((entry.name, entry, list(entry.set), None))
+            continue
+        for value in entry.sweep.values:
+            shown = f"{value:g}"
+            runs.append((f"{entry.name}-{shown}", entry, [*entry.set, f"{entry.sweep.key}={value}"], value))
+    return runs
+
+
+def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
+    if value.startswith("@"):
+        name = value[1:]
+        if name not in finals:
+            raise RecipeError(f"{value}: no earlier stage is named {name!r}")
+        return str(finals[name])
+    return value
+
+
+def _final_of(run_dir: Path) -> Path | None:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    data = json.loads(summary.read_text())
+    final = data.get("final_model") or (data.get("rounds") or [{}])[-1].get("policy_after")
+    return Path(final) if final and Path(final).exists() else None
+
+
+def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
+    """Run every stage in order (skipping finished ones); return run name -> final model directory."""
+    import importlib
+
+    root = Path(recipe.output)
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline
+    finals: dict[str, Path] = {}
+    for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
+        run_dir = root / f"{index:02d}-{name}"
+        done = _final_of(run_dir)
+        if done is not None:
+            console.print(f"[dim]pipeline: {name} already finished ({run_dir}); not run again[/]")
+            finals[name] = done
+            continue
+        resolved = []
+        for item in sets:
+            key, _, value = item.partition("=")
+            resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
+        stage_recipe = load_recipe(
+            entry.recipe,
+            {"output.dir": str(run_dir)},
+            [*resolved, "output.overwrite=true"],
+            stage=entry.stage,
+        )
+        console.rule(f"pipeline: {name} ({entry.stage})")
+        module, function = STAGE_RUNNERS[entry.stage].split(":")
+        getattr(importlib.import_module(module), function)(stage_recipe, console=console)
+        final = _final_of(run_dir)
+        if final is None:
+            raise RecipeError(f"pipeline: stage {name} finished without a final model in {run_dir}")
+        finals[name] = final
+    return finals
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any]]:
+    """Run the pipeline, evaluate each method's policies and best-of-N; write frontier.csv/png/jsonl."""
+    from align_cli.data.prompts import load_prompts
+    from align_cli.evaluate import Evaluator, load_reward_fn
+
+    ev = recipe.evaluate
+    if ev is None or not ev.prompts:
+        raise RecipeError("frontier: the recipe needs an evaluate section with prompts")
+    finals = run_pipeline(recipe, console)
+    root = Path(recipe.output)
+    swept = {name: (entry, value) for name, entry, _, value in expand(recipe.stages)}
+    evaluator = Evaluator(
+        _resolve_refs(ev.reference, finals),
+        load_prompts(ev.prompts),
+        n=ev.n,
+        max_new_tokens=ev.max_new_tokens,
+        seed=ev.seed,
+        ground_truth=load_reward_fn(ev.ground_truth) if ev.ground_truth else None,
+        reward_model=_resolve_refs(ev.reward_model, finals) if ev.reward_model else None,
+    )
+    cache_dir = root / "eval"
+    cache_dir.mkdir(exist_ok=True)
+    rows = []
+    for method, stage_names in ev.methods.items():
+        for stage_name in stage_names:
+            runs = [n for n, (entry, _) in swept.items() if n == stage_name or entry.name == stage_name]
+            if not runs:
+                raise RecipeError(f"evaluate.methods.{method}: no stage named {stage_name!r}")
+            for run in runs:
+                cached = cache_dir / f"{run}.json"
+                if cached.is_file():
+                    summary = json.loads(cached.read_text())
+                else:
+                    console.print(f"evaluating {run} ...")
+                    summary, samples = evaluator.evaluate(str(finals[run]))
+                    with (cache_dir / f"{run}.samples.jsonl").open("w") as handle:
+                        handle.writelines(json.dumps(s) + "\n" for s in samples)
+                    cached.write_text(json.dumps(summary))
+                rows.append({"method": method, "run": run, "param": swept[run][1], **summary})
+    if ev.best_of_n:
+        console.print(f"evaluating best-of-N for N in {ev.best_of_n} ...")
+        for row in evaluator.best_of_n(ev.best_of_n):
+            rows.append({"method": "Best-of-N", "run": f"best-of-{row['n']}", "param": row["n"], **row})
+    write_frontier(rows, root, console)
+    return rows
+
+
+def write_frontier(rows: list[dict[str, Any]], root: Path, console: Console) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with (root / "frontier.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = Table(title="reward vs KL to the SFT reference")
+    shown = [
+        c for c in ("method", "run", "reward", "rm_score", "kl", "kl_analytic", "win_rate") if c in columns
+    ]
+    for column in shown:
+        table.add_column(column, justify="left" if column in ("method", "run") else "right")
+    for row in rows:
+        table.add_row(*[fmt(row[c]) if c in row and row[c] is not None else "" for c in shown])
+    console.print(table)
+    plot_frontier(rows, root / "frontier.png")
+    console.print(f"wrote {root / 'frontier.csv'} and {root / 'frontier.png'}")
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_key = "reward" if any("reward" in r for r in rows) else "rm_score"
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r["kl"], r[y_key], r["run"]) for r in rows if r["method"] == method)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", label=method, linestyle="-" if len(points) > 1 else "none")
+        for row in (r for r in rows if r["method"] == method and r.get("param") is not None):
+            ax.annotate(
+                f"{row['param']:g}",
+                (row["kl"], row[y_key]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+    ax.set_xlabel("KL(policy || reference), nats per sequence")
+    ax.set_ylabel("ground-truth reward" if y_key == "reward" else "reward-model score")
+    ax.set_title("Reward vs KL frontier")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""The whole pipeline, CI-sized: SFT -> reward model -> DPO and rejection sampling on the offline
+sentiment task; both must raise the hidden ground-truth reward over the SFT start."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align_cli.pipeline import load_pipeline, run_frontier, run_pipeline
+from align_cli.recipe import RecipeError
+from tests.conftest import ROOT
+from tests.helpers import quiet_console
+
+sys.path.insert(0, str(ROOT / "examples" / "sentiment"))
+import make_data  # noqa: E402
+
+
+def pipeline_recipe(tmp: Path, tiny_model: Path) -> Path:
+    data = tmp / "data"
+    make_data.main(["--out", str(data), "--reviews", "1200", "--pairs", "800"])
+    sentiment = ROOT / "examples" / "sentiment"
+    stages = [
+        {
+            "name": "sft",
+            "stage": "sft",
+            "recipe": str(sentiment / "sft.yaml"),
+            "set": [f"model.name_or_path={tiny_model}", f"data.train={data / 'sft.jsonl'}"],
+        },
+        {
+            "name": "reward",
+            "stage": "reward",
+            "recipe": str(sentiment / "reward.yaml"),
+            "set": ["model.name_or_path=@sft", f"data.train={data / 'prefs.jsonl'}"],
+        },
+        {
+            "name": "dpo",
+            "stage": "dpo",
+            "recipe": str(sentiment / "dpo.yaml"),
+            "set": ["model.name_or_path=@sft", f"data.train={data / 'prefs.jsonl'}"],
+        },
+        {
+            "name": "rs",
+            "stage": "rejection-sample",
+            "set": [
+                "model.name_or_path=@sft",
+                "rejection.reward_model=@reward",
+                f"rejection.prompts={data / 'prompts.jsonl'}",
+                "rejection.n=8",
+                "rejection.max_prompts=96",
+                "rejection.max_new_tokens=32",
+                "rejection.then=sft",
+                "rejection.eval_n=1",
+                "data.template=plain",
+                "training.lr=1e-3",
+                "training.epochs=3",
+                "training.micro_batch_size=16",
+            ],
+        },
+    ]
+    evaluate = {
+        "reference": "@sft",
+        "prompts": str(data / "prompts_eval.jsonl"),
+        "ground_truth": str(sentiment / "reviews.py") + ":sentiment",
+        "reward_model": "@reward",
+        "n": 4,
+        "methods": {"SFT": ["sft"], "DPO": ["dpo"], "Rejection sampling": ["rs"]},
+        "best_of_n": [1, 8],
+    }
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp / "out"), "stages": stages, "evaluate": evaluate}))
+    return path
+
+
+def test_dpo_and_rejection_sampling_raise_the_ground_truth_reward(tiny_model: Path, tmp_path: Path):
+    recipe = load_pipeline(pipeline_recipe(tmp_path, tiny_model))
+    rows = {r["run"]: r for r in run_frontier(recipe, quiet_console())}
+    start = rows["sft"]["reward"]
+    assert rows["dpo"]["reward"] > start + 0.1, (start, rows["dpo"])
+    assert rows["rs"]["reward"] > start + 0.05, (start, rows["rs"])
+    assert rows["sft"]["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference against itself
+    assert rows["best-of-8"]["kl"] == pytest.approx(rows["best-of-8"]["kl_analytic"], abs=0.35)
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "frontier.csv").read_text().count("\n") == 1 + len(rows)
+    # a second run re-runs nothing: every stage is found finished
+    before = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/summary.json")}
+    run_pipeline(recipe, quiet_console())
+    assert {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/summary.json")} == before
+
+
+def test_pipeline_recipe_errors_are_listed(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        json.dumps({"stages": [{"name": "a", "stage": "train"}, {"name": "a", "stage": "sft"}], "extra": 1})
+    )
+    with pytest.raises(RecipeError) as info:
+        load_pipeline(bad)
+    text = str(info.value)
+    assert "'train' is not one of" in text and "'a' is used twice" in text and "extra: unknown key" in text
