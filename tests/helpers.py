@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +42,16 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def load_example_module(path: Path, name: str):
+    """Import an example script under a unique module name: two scripts called make_data.py live
+    in examples/ and examples/sentiment/, and a plain `import make_data` picks whichever came first."""
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(path.parent))  # the script's own sibling imports (e.g. reviews.py)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ sentiment task; both must raise the hidden ground-truth reward over the SFT star
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ import yaml
 from align_cli.pipeline import load_pipeline, run_frontier, run_pipeline
 from align_cli.recipe import RecipeError
 from tests.conftest import ROOT
-from tests.helpers import quiet_console
+from tests.helpers import load_example_module, quiet_console
 
-sys.path.insert(0, str(ROOT / "examples" / "sentiment"))
-import make_data  # noqa: E402
+make_data = load_example_module(ROOT / "examples" / "sentiment" / "make_data.py", "sentiment_make_data")
 
 
 def pipeline_recipe(tmp: Path, tiny_model: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -26,19 +25,13 @@ from align_cli.presets import (
     default_corpus,
     init_model,
 )
+from tests.helpers import load_example_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 
 
-def _load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "examples" / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_data = _load_make_data()
+make_data = load_example_module(ROOT / "examples" / "make_data.py", "instruct_make_data")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,10 @@ from typer.testing import CliRunner
 from align_cli.cli import app
 from align_cli.stages.rejection_sampling import best_of_n_kl, best_of_n_table, select
 from tests.conftest import EXAMPLES, ROOT
-from tests.helpers import quiet_console
+from tests.helpers import load_example_module, quiet_console
 
-sys.path.insert(0, str(ROOT / "examples"))
-from make_data import positivity  # noqa: E402  (the ground truth the reward model learned)
+# the ground truth the reward model learned
+positivity = load_example_module(ROOT / "examples" / "make_data.py", "instruct_make_data").positivity
 
 runner = CliRunner()
 
