@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from align_cli.data.collate import row_buckets
 from align_cli.data.tokenize import IGNORE_INDEX
+from align_cli.logprobs import head_logprobs
 from align_cli.recipe import LoraSection, ModelSection
 
 log = logging.getLogger("align")
@@ -196,22 +198,21 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 
     Only the positions whose next token is supervised go through the LM head (transformers'
     boolean ``logits_to_keep``), so prompt and padding positions never produce vocabulary-sized
-    logits. Returns (logps [N], sequence index [N]), N = number of supervised tokens."""
+    logits, and those go through it in chunks fused with the log-softmax and the gather
+    (align_cli/logprobs.py). Returns (logps [N], sequence index [N]), N = number of supervised tokens."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets_mask
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = out.logits.float()  # [N, V]
-    targets = labels[:, 1:][targets_mask]
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return logps, sequence_index(batch)[:, 1:][targets_mask]
+    with head_logprobs(model, labels[:, 1:][targets_mask]) as result:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+    return result[-1][0], sequence_index(batch)[:, 1:][targets_mask]
 
 
 # ----------------------------------------------------------------------------- reward models
@@ -277,13 +278,22 @@ def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
     The head's per-position output is captured with a forward hook, so the model still runs through
     its wrappers (DDP, autocast, peft) and HF's pad-id guess is never used (it picks the wrong token
-    when the pad token is EOS and responses end with EOS). Returns float32 scores, shape [R]."""
+    when the pad token is EOS and responses end with EOS). Rows run in one forward pass per length
+    bucket (``batch["buckets"]``), so short rows are not padded. Returns float32 scores, shape [R]."""
     captured: list[torch.Tensor] = []
     handle = score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
+    scores = None
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        for index, sub in row_buckets(batch):
+            model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
+            per_position = captured[-1]  # [rows, T, 1]
+            rows = torch.arange(per_position.shape[0], device=per_position.device)
+            last = batch["last_index"] if index is None else batch["last_index"][index]
+            values = per_position[rows, last, 0].float()
+            if index is None:
+                return values
+            scores = values.new_zeros(batch["input_ids"].shape[0]) if scores is None else scores
+            scores = scores.index_add(0, index, values)
     finally:
         handle.remove()
-    per_position = captured[-1]  # [R, T, 1]
-    rows = torch.arange(per_position.shape[0], device=per_position.device)
-    return per_position[rows, batch["last_index"], 0].float()
+    return scores

@@ -83,3 +83,51 @@ def padding_free_collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tens
     labels = torch.tensor([t for e in examples for t in e["labels"]])[None]
     position_ids = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+# a batch whose rows differ in length (the chosen and rejected response of a pair, K ranked responses)
+# runs as up to MAX_BUCKETS forward passes over rows of similar length; each extra pass must save at
+# least BUCKET_MIN_SAVING of the batch's real tokens, and BUCKET_MIN_TOKENS, in padding
+MAX_BUCKETS = 3
+BUCKET_MIN_SAVING = 0.04
+BUCKET_MIN_TOKENS = 64
+
+
+def length_buckets(lengths: list[int]) -> list[tuple[list[int], int]]:
+    """Rows grouped for separate forward passes: (row indices, width) per group, longest first.
+
+    Rows sorted by length are cut into contiguous groups minimising padded tokens (dynamic programming
+    over the cut points); one group (a single forward pass over the whole batch) unless more save."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    sizes = [lengths[i] for i in order]
+    n = len(sizes)
+    penalty = max(BUCKET_MIN_SAVING * sum(sizes), BUCKET_MIN_TOKENS)
+    # best[k][j]: least padded tokens for the first j sorted rows in k groups, and the last cut
+    inf = float("inf")
+    best = [[(inf, 0)] * (n + 1) for _ in range(MAX_BUCKETS + 1)]
+    best[0][0] = (0, 0)
+    for k in range(1, MAX_BUCKETS + 1):
+        for j in range(1, n + 1):
+            best[k][j] = min((best[k - 1][i][0] + (j - i) * sizes[i], i) for i in range(j))
+    k = min(range(1, MAX_BUCKETS + 1), key=lambda k: best[k][n][0] + k * penalty)
+    groups, j = [], n
+    while k:
+        i = best[k][j][1]
+        groups.append(([order[r] for r in range(i, j)], sizes[i]))
+        j, k = i, k - 1
+    return groups[::-1]
+
+
+def row_buckets(batch: dict[str, Any]) -> list[tuple[torch.Tensor | None, dict[str, Any]]]:
+    """(row index or None for all rows, sub-batch) for each forward pass over ``batch["buckets"]`` (from
+    ``length_buckets``); a sub-batch holds its rows of input_ids/attention_mask/labels cut to its width."""
+    buckets = batch.get("buckets")
+    if not buckets or len(buckets) == 1:
+        return [(None, batch)]
+    device = batch["input_ids"].device
+    out = []
+    for rows, width in buckets:
+        index = torch.tensor(rows, device=device)
+        sub = {k: batch[k][index, :width] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        out.append((index, sub))
+    return out

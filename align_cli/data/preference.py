@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from align_cli.data.collate import length_buckets
 from align_cli.data.formats import DataError, Record
 from align_cli.data.templates import Segment, TemplateError, _chat, render_prompt, response_segments
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids
@@ -188,4 +189,5 @@ def collate_responses(examples: list[dict[str, Any]], pad_token_id: int) -> dict
         "margin": torch.tensor(margins, dtype=torch.float32),
         "units": len(examples),
         "tokens": int(attention_mask.sum()),
+        "buckets": length_buckets((last_index + 1).tolist()),  # forward passes over rows of similar length
     }

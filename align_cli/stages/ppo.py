@@ -58,6 +58,7 @@ from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.generation import SamplingParams, sample
+from align_cli.logprobs import head_logprobs
 from align_cli.memory import print_estimate
 from align_cli.models import (
     count_parameters,
@@ -112,17 +113,15 @@ class ActorCritic(nn.Module):
             hook = self.policy.get_output_embeddings().register_forward_hook(
                 lambda m, a, o: hidden.append(a[0])
             )
-        try:
-            out = self.policy(
-                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
-            )
+        try:  # the LM head fused with log-softmax and gather, in chunks (align_cli/logprobs.py)
+            with head_logprobs(self.policy, labels[:, 1:][targets_mask], with_entropy=True) as result:
+                self.policy(
+                    input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
+                )
         finally:
             if hook is not None:
                 hook.remove()
-        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
-        targets = labels[:, 1:][targets_mask]
-        logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        logps, entropy = result[-1]
         if not with_values:
             values = None
         elif self.value_head is not None:
