@@ -5,8 +5,10 @@ vocabulary-sized row. ``head_logprobs`` runs the model with its LM head replaced
 by ``chunked_logprobs``: the hidden states the model kept (``logits_to_keep``) go through the head
 ``chunk`` rows at a time, and each chunk's [chunk, V] logits are reduced at once to the target's
 log-prob (and, when asked, the entropy) and dropped. The backward pass recomputes a chunk's logits
-instead of storing them, and writes the gradient d log p_t / d z = onehot(t) - softmax(z) directly,
-so at no point of forward or backward does more than one chunk of vocabulary-sized values exist.
+instead of storing them (unless the whole batch is one chunk: then its log-softmax is kept, which
+costs no more than one chunk and saves the recompute), and writes the gradient d log p_t / d z =
+onehot(t) - softmax(z) directly, so at no point of forward or backward does more than one chunk of
+vocabulary-sized values exist.
 
 The head is swapped inside the model's own forward call, so wrappers (DDP, FSDP, peft, autocast) see
 an ordinary forward pass and the head's weight is used where the original head would have used it.
@@ -41,6 +43,12 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, rows: int, with_entropy: bool):
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
+        ctx.rows = rows
+        if n <= rows:  # one chunk: keep its log-softmax for backward (at most CHUNK_ELEMENTS), no recompute
+            logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), -1)
+            ctx.save_for_backward(hidden, weight, bias, targets, logp)
+            out = logp.gather(-1, targets[:, None]).squeeze(-1)
+            return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
         for s in range(0, n, rows):
@@ -49,38 +57,42 @@ class _LinearLogprobs(torch.autograd.Function):
             logps[s : s + rows] = logits.gather(-1, targets[s : s + rows, None]).squeeze(-1) - lse
             if entropy is not None:  # H = lse - sum_j p_j z_j
                 entropy[s : s + rows] = lse - (torch.softmax(logits, -1) * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.rows = rows
+        ctx.save_for_backward(hidden, weight, bias, targets, None)
         return (logps, entropy) if with_entropy else logps
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, kept_logp = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        grad_w = grad_b = None  # accumulated in float32 over chunks
         rows = ctx.rows
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
-            logits = F.linear(h, weight, bias).float()
-            logp = torch.log_softmax(logits, -1)
+            if kept_logp is None:
+                logp = torch.log_softmax(F.linear(h, weight, bias).float(), -1)
+            else:
+                logp = kept_logp
             p = logp.exp()
-            g = torch.zeros_like(logits)
+            g = None
             if grad_logps is not None:  # d log p_t / d z_j = [j = t] - p_j
-                gl = grad_logps[s : s + rows]
-                g -= p * gl[:, None]
-                g.scatter_add_(-1, targets[s : s + rows, None], gl[:, None])
+                gl = grad_logps[s : s + rows, None]
+                g = (p * -gl).scatter_add_(-1, targets[s : s + rows, None], gl)
             if grad_entropy is not None:  # d H / d z_j = -p_j (log p_j + H)
                 ent = -(p * logp).sum(-1, keepdim=True)
-                g -= p * (logp + ent) * grad_entropy[s : s + rows, None]
+                term = p * (logp + ent) * grad_entropy[s : s + rows, None]
+                g = term.neg_() if g is None else g.sub_(term)
             g = g.to(weight.dtype)
             if want_h:
                 grad_h[s : s + rows] = g @ weight
             if want_w:
-                grad_w.addmm_(g.t().float(), h.float())
+                part = g.t().float() @ h.float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
             if want_b:
-                grad_b += g.float().sum(0)
+                part = g.float().sum(0)
+                grad_b = part if grad_b is None else grad_b.add_(part)
+        if hidden.shape[0] == 0:  # no supervised token in the batch
+            grad_w, grad_b = torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
         grad_w = grad_w.to(weight.dtype) if want_w else None
         grad_b = grad_b.to(bias.dtype) if want_b else None
         return grad_h, grad_w, grad_b, None, None, None

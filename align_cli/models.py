@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,37 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
             use_cache=False,
         )
     return result[-1][0], sequence_index(batch)[:, 1:][targets_mask]
+
+
+def per_token_by_bucket(
+    run: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor | None, ...]],
+    batch: dict[str, torch.Tensor],
+    buckets: list[tuple[list[int], int]] | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """``run(sub_batch)`` once per length bucket (``length_buckets``), its flat per-supervised-token
+    outputs put back in the whole batch's row-major order: the same result as one padded pass, with
+    short rows not padded to the longest."""
+    groups = row_buckets({**batch, "buckets": buckets})
+    if len(groups) == 1:
+        return run(batch)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    # flat position of each supervised token in the whole batch's row-major order
+    numbering = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+    numbering[keep] = torch.arange(int(keep.sum()), device=keep.device)
+    parts, where = [], []
+    for index, sub in groups:
+        parts.append(run(sub))
+        width = sub["labels"].shape[1] - 1
+        where.append(numbering[index, :width][keep[index, :width]])
+    where = torch.cat(where)
+    outputs = []
+    for k, first in enumerate(parts[0]):
+        if first is None:
+            outputs.append(None)
+            continue
+        values = torch.cat([part[k] for part in parts])
+        outputs.append(values.new_empty(values.shape).scatter(0, where, values))
+    return tuple(outputs)
 
 
 # ----------------------------------------------------------------------------- reward models

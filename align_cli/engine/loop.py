@@ -217,7 +217,9 @@ class Trainer:
         """Forward/backward over a step's micro-batches; loss normalised by the step's total units.
 
         Raises NonFiniteError (before any update) for a NaN/inf loss or gradient norm."""
-        units = self._sum_across([sum(b["units"] for b in batches)])[0].item()
+        units = sum(b["units"] for b in batches)  # host numbers: no device round trip on one process
+        if self.world > 1:
+            units = self._sum_across([units])[0].item()
         scale = self.world / max(units, 1e-12)  # DDP averages gradients over processes
         loss_sum = torch.zeros((), device=self.acc.device, dtype=torch.float64)
         metric_sums: dict[str, torch.Tensor] = {}

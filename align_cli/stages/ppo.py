@@ -39,7 +39,7 @@ from rich.progress import (
 from torch import nn
 
 from align_cli import losses as L
-from align_cli.data.collate import pad_collate
+from align_cli.data.collate import length_buckets, pad_collate
 from align_cli.data.formats import SFT_KINDS, load_records
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
@@ -65,6 +65,7 @@ from align_cli.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    per_token_by_bucket,
     response_logprobs,
     save_model,
     score_head,
@@ -102,8 +103,16 @@ class ActorCritic(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         with_values: bool = True,
+        buckets: list[tuple[list[int], int]] | None = None,
     ) -> tuple:
-        """(log pi(a_t|s_t) [N], V(s_t) [N] or None, entropy [N]) for the N supervised tokens, row by row."""
+        """(log pi(a_t|s_t) [N], V(s_t) [N] or None, entropy [N]) for the N supervised tokens, row by row;
+        one pass per length bucket of rows (``length_buckets``) so short rollouts are not padded."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return per_token_by_bucket(lambda sub: self._rows(**sub, with_values=with_values), batch, buckets)
+
+    def _rows(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, with_values: bool
+    ) -> tuple:
         targets_mask = labels[:, 1:] != IGNORE_INDEX
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = targets_mask
@@ -169,14 +178,15 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
             unwrapped.policy, tok, prompt_ids, params, first_batch=acc.process_index, synced_gpus=synced
         )
     examples = [{"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples]
-    batch = collate_responses(examples, tok.pad_token_id)
-    batch = {k: batch[k].to(ctx["accelerator"].device) for k in ("input_ids", "attention_mask", "labels")}
+    collated = collate_responses(examples, tok.pad_token_id)
+    batch = {k: collated[k].to(ctx["accelerator"].device) for k in ("input_ids", "attention_mask", "labels")}
+    row_lengths = (collated["last_index"] + 1).tolist()  # prompt + response, on the host: no device sync
     lengths = torch.tensor([len(s.response_ids) for s in samples], device=batch["input_ids"].device)
     mask = to_padded(torch.ones(int(lengths.sum()), device=lengths.device), lengths)
     actor.eval()
-    logps, values, _ = actor(**batch)
+    logps, values, _ = actor(**batch, buckets=collated["buckets"])
     actor.train()
-    ref_logps, _ = reference_logprobs(ctx, batch)
+    ref_logps = reference_logprobs(ctx, batch, collated["buckets"])
     texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     finished = torch.tensor([s.finished for s in samples], device=mask.device)
     prompt_texts = [x.text(recipe.data.template, ctx["scorer_tokenizer"]) for x in prompts]
@@ -198,6 +208,7 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
         advantages = L.whiten(advantages, mask)
     return {
         "batch": batch,
+        "row_lengths": row_lengths,
         "lengths": lengths,
         "mask": mask,
         "old_logps": old_logps,
@@ -215,19 +226,20 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
 
 
 def reference_logprobs(
-    ctx: dict[str, Any], batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_ref of the response tokens: the frozen SFT model, or under LoRA the policy itself with its
-    adapters disabled (its base weights are the SFT weights: no second copy in memory)."""
-    if ctx["reference"] is not None:
-        return response_logprobs(ctx["reference"], batch)
+    ctx: dict[str, Any], batch: dict[str, torch.Tensor], buckets: list[tuple[list[int], int]] | None = None
+) -> torch.Tensor:
+    """log pi_ref of the response tokens [N]: the frozen SFT model, or under LoRA the policy itself with
+    its adapters disabled (its base weights are the SFT weights: no second copy in memory)."""
+    reference = ctx["reference"]
+    if reference is not None:
+        return per_token_by_bucket(lambda sub: response_logprobs(reference, sub)[:1], batch, buckets)[0]
     acc = ctx["accelerator"]
     with for_generation(acc, ctx["actor"]) as (unwrapped, _):
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
         with policy.disable_adapter(), acc.autocast():
-            out = response_logprobs(policy, batch)
+            out = per_token_by_bucket(lambda sub: response_logprobs(policy, sub)[:1], batch, buckets)[0]
         policy.train(was_training)
     return out
 
@@ -260,7 +272,10 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
         order = torch.randperm(n, generator=gen).tolist()
         for start in range(0, n, mini):
             rows = order[start : start + mini]
-            mb = {k: v[rows] for k, v in ro["batch"].items()}
+            # the mini-batch cut to its own longest row, and run in length buckets: little padding
+            row_lengths = [ro["row_lengths"][r] for r in rows]
+            mb = {k: v[rows][:, : max(row_lengths)] for k, v in ro["batch"].items()}
+            mb["buckets"] = length_buckets(row_lengths)
             lengths = ro["lengths"][rows]
             width = int(lengths.max())
             mask, old_logps, old_values, adv, ret = (
