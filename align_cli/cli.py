@@ -546,6 +546,9 @@ def plan(
             "--shard", help="none (DDP), zero2 (gradients + optimizer), zero3 (also weights; FSDP)."
         ),
     ] = "none",
+    device: Annotated[
+        str, typer.Option("--device", help="cuda or cpu (CPU attention kernels keep the s x s scores).")
+    ] = "cuda",
 ) -> None:
     """Resolve a recipe and estimate its memory per device, reading only the model's config (no weights).
 
@@ -557,6 +560,8 @@ def plan(
         _fail(f"--shard {shard!r}: choose one of {', '.join(SHARDING)}")
     if processes < 1:
         _fail("--processes: must be >= 1")
+    if device not in ("cuda", "cpu"):
+        _fail(f"--device {device!r}: choose cuda or cpu")
 
     def run() -> None:
         parsed = load_recipe(recipe, {"model.name_or_path": model}, set_)
@@ -564,7 +569,7 @@ def plan(
             raise RecipeError(
                 f"recipe {recipe}: no `stage:`; add one (sft, reward, dpo, ppo, rejection-sample)"
             )
-        estimate = plan_recipe(parsed, processes, shard)
+        estimate = plan_recipe(parsed, processes, shard, device)
         t, name = parsed.training, parsed.model.name_or_path or "(chained)"
         console.print(
             f"[bold]plan[/] {recipe}: stage {parsed.stage}, model {name}, "

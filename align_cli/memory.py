@@ -7,10 +7,11 @@ moments in the parameter dtype, 8 bytes per parameter in fp32; 8-bit AdamW about
 activations kept for the backward pass. Activations follow Korthikanti et al. (2022) for a block with
 an attention kernel that never stores the s x s matrix (SDPA / flash): about (7 h + 3 i) values per
 token and layer (h hidden size, i MLP size), or only each layer's input h with gradient checkpointing;
-plus the logits of the response positions in fp32. Frozen models (reference, reward model) count
-their weights; sampling (PPO, rejection sampling) counts the KV cache. ZeRO-2 divides gradients and
-optimizer state by the number of processes; ZeRO-3 / FSDP full shard the weights too. The figure is a
-guide (allocator overhead, temporary buffers and fragmentation come on top: leave ~10-20% headroom).
+plus one chunk of fp32 logits (the LM head runs in chunks of at most 2^24 logits, align_cli/logprobs.py).
+Frozen models (reference, reward model) count their weights; sampling (PPO, rejection sampling) counts
+the KV cache. ZeRO-2 divides gradients and optimizer state by the number of processes; ZeRO-3 / FSDP
+full shard the weights too. The figure is a guide (allocator overhead, temporary buffers and
+fragmentation come on top: leave ~10-20% headroom).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from align_cli.logprobs import chunk_rows
 from align_cli.recipe import LoraSection, Recipe
 
 GIB = 2**30
@@ -127,13 +129,30 @@ def _dims(config: Any) -> tuple[int, int, int, int, int]:
     return h, i, text.num_hidden_layers, kv * head_dim, text.vocab_size
 
 
-def activation_bytes(config: Any, rows: int, seq: int, act: int, checkpointing: bool, logits: bool) -> float:
-    """Activations kept for backward for ``rows`` sequences of ``seq`` tokens (``act`` bytes a value)."""
+def activation_bytes(
+    config: Any,
+    rows: int,
+    seq: int,
+    act: int,
+    checkpointing: bool,
+    logits: bool,
+    attention_scores: bool = False,
+) -> float:
+    """Activations kept for backward for ``rows`` sequences of ``seq`` tokens (``act`` bytes a value).
+
+    ``attention_scores``: the attention kernel materialises the scores and their softmax, [heads, s, s]
+    per sequence and layer (PyTorch's math SDPA kernel on a CPU with a padding mask; eager attention)."""
     h, i, layers, _, vocab = _dims(config)
     tokens = rows * seq
     per_layer = tokens * (7 * h + 3 * i) * act
+    if attention_scores:
+        text = getattr(config, "text_config", None) or config
+        per_layer += 2 * rows * text.num_attention_heads * seq * seq * act
     kept = layers * tokens * h * act + per_layer if checkpointing else layers * per_layer
-    return kept + (tokens * vocab * (act + 8) if logits else 0)  # logits, fp32 copy, log-softmax
+    # the LM head runs chunk by chunk (align_cli/logprobs.py): one chunk's fp32 logits, softmax, log-softmax
+    # and gradient exist at a time, never the whole batch's
+    head = min(tokens, chunk_rows(vocab)) * vocab * 4 * 4 if logits else 0
+    return kept + head
 
 
 def kv_cache_bytes(config: Any, rows: int, seq: int, act: int) -> float:
@@ -170,13 +189,15 @@ def estimate(
     planned_bits: int | None = None,
     config: Any = None,
     value_config: Any = None,
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """The estimate for ``recipe``'s stage: ``trained`` (None: nothing is trained, e.g. rejection
     sampling without SFT; for PPO the policy and value model together) and the ``frozen`` models held
     beside it, e.g. {"reference": model}. ``config``: the policy's model config (default: ``trained``'s);
     ``value_config``: PPO's value model, a reward-model copy, whose activations count too.
     ``planned_bits``: weights of meta models counted as 4/8-bit (QLoRA planning). Rejection sampling
-    samples, then fine-tunes: the larger of the two phases is reported."""
+    samples, then fine-tunes: the larger of the two phases is reported. ``device``: "cpu" counts the
+    attention scores the CPU's SDPA kernel keeps (GPU kernels do not)."""
     t = recipe.training
     frozen = frozen or {}
     est = MemoryEstimate(stage=recipe.stage or "run", processes=processes, shard=shard)
@@ -202,9 +223,12 @@ def estimate(
         kind = f"{planned_bits}-bit base" if planned_bits else f"{_dtype_bytes(trained)} bytes each"
         rows, seq, what = _shape(recipe, processes)
         ckpt = recipe.model.gradient_checkpointing
-        acts = activation_bytes(config, rows, seq, act, ckpt, logits=recipe.stage != "reward")
+        scores = device == "cpu"
+        acts = activation_bytes(config, rows, seq, act, ckpt, recipe.stage != "reward", scores)
         if value_config is not None:
-            acts += activation_bytes(value_config, rows, seq, act, ckpt, logits=False)
+            acts += activation_bytes(value_config, rows, seq, act, ckpt, False, scores)
+        if scores:
+            what += ", attention scores (CPU kernel)"
             what += " (policy and value model)"
         training = [
             Component(
@@ -269,7 +293,12 @@ def meta_model(
 
 
 def plan(
-    recipe: Recipe, config: Any, reward_config: Any = None, processes: int = 1, shard: str = "none"
+    recipe: Recipe,
+    config: Any,
+    reward_config: Any = None,
+    processes: int = 1,
+    shard: str = "none",
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """The memory estimate of ``recipe`` from model configs only (nothing is downloaded or allocated):
     the policy's ``config`` and, for PPO / rejection sampling, the reward model's (default: the same)."""
@@ -281,14 +310,15 @@ def plan(
     lora = m.lora if m.lora.enabled else None
     frozen: dict[str, nn.Module] = {}
     if stage == "reward":
-        return estimate(recipe, meta_model(config, recipe, True, lora), {}, processes, shard, bits, config)
+        trained = meta_model(config, recipe, True, lora)
+        return estimate(recipe, trained, {}, processes, shard, bits, config, device=device)
     if stage == "rejection-sample":
         frozen = {
             "policy (sampling)": meta_model(config, recipe),
             "reward model": meta_model(reward_config, recipe, True),
         }
         trained = meta_model(config, recipe, lora=lora) if recipe.rejection.then == "sft" else None
-        return estimate(recipe, trained, frozen, processes, shard, bits, config)
+        return estimate(recipe, trained, frozen, processes, shard, bits, config, device=device)
     policy: nn.Module = meta_model(config, recipe, lora=lora)
     value_config = None
     if stage == "dpo":
@@ -304,7 +334,7 @@ def plan(
         if recipe.ppo.value_model == "reward_model":  # trained with the policy, as in the PPO stage
             value_config = reward_config
             policy = nn.ModuleDict({"policy": policy, "value": meta_model(reward_config, recipe, True, lora)})
-    return estimate(recipe, policy, frozen, processes, shard, bits, config, value_config)
+    return estimate(recipe, policy, frozen, processes, shard, bits, config, value_config, device)
 
 
 def sharding_of(accelerator: Any) -> str:
@@ -338,6 +368,7 @@ def print_estimate(
         sharding_of(accelerator),
         config=config,
         value_config=value_config,
+        device=accelerator.device.type,
     )
     if accelerator.is_main_process:
         console.print(est.table())
@@ -376,7 +407,9 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
         ) from exc
 
 
-def plan_recipe(recipe: Recipe, processes: int = 1, shard: str = "none") -> MemoryEstimate:
+def plan_recipe(
+    recipe: Recipe, processes: int = 1, shard: str = "none", device: str = "cuda"
+) -> MemoryEstimate:
     """`align plan`: the estimate of a recipe from its models' configs (chaining like the stages do)."""
     from align_cli.recipe import RecipeError
     from align_cli.runs import last_output
@@ -390,4 +423,4 @@ def plan_recipe(recipe: Recipe, processes: int = 1, shard: str = "none") -> Memo
     )
     reward = reward or (last_output("reward") if recipe.stage in ("ppo", "rejection-sample") else None)
     reward_config = read_config(str(reward), recipe.model.trust_remote_code) if reward else None
-    return plan(recipe, config, reward_config, processes, shard)
+    return plan(recipe, config, reward_config, processes, shard, device)
