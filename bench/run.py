@@ -1,12 +1,36 @@
 """`make bench`: the project's own throughput and memory benchmark (offline, deterministic).
 
 Builds the `small` preset and synthetic data with a realistic length spread (prompts 20-60 tokens,
-responses 20-120), then measures each stage's hot path in a fresh subprocess (so peak memory is the
-stage's own): tokens/s of non-pad tokens, steps/s, peak memory, and achieved FLOP/s as a fraction of
-this machine's plain matrix-multiply FLOP/s, measured in the same run. Several repetitions; the
-median and the range are reported. Writes bench/results.json and prints a markdown table.
+responses 20-120), then measures each stage through its real code (collate, compute_loss,
+Trainer.train_step, AdamW; generation.sample; PPO's rollout and update) in a fresh subprocess, so
+peak memory is the stage's own:
 
-Usage: python bench/run.py [--stages sft] [--reps 3] [--steps 6] [--threads 2]
+- sft, reward: optimizer steps of ``--micro`` sequences (reward: ``--micro`` / 2 pairs);
+- dpo_cold: the reference log-prob pass over the step's pairs (a cache miss, written to a fresh
+  cache directory) plus the training steps; dpo_warm: the same steps reading that cache (a hit);
+  DPO micro-batches hold ``--micro`` / 2 pairs, i.e. ``--micro`` sequences, like SFT; dpo_live: the
+  same steps with a live reference model scoring every batch (``dpo.reference_cache: false``);
+- rs_generation: N = 16 samples of each prompt generated together (one ``generate`` call) and one
+  at a time (16 calls), timed in the same process; the ratio is reported;
+- ppo_iteration: one PPO iteration (rollout: sampling, policy/reference/value log-probs, reward
+  scores, GAE; then one epoch of mini-batch updates), value head on the policy.
+
+Reported: tokens/s of non-pad tokens, steps/s, peak memory (peak RSS of the process; on a GPU peak
+allocated memory), the padding fraction of computed tokens, and achieved FLOP/s as a fraction of this
+machine's plain matrix-multiply FLOP/s (a 1024^3 fp32 matmul, best of 10, measured in each stage's
+process just before the stage, so a shared machine whose speed drifts is compared with itself).
+FLOPs count 6 x body parameters per non-pad token plus 6 x LM-head parameters per supervised token (the
+head only runs there); forward-only passes count 2 x instead of 6 x; attention score FLOPs are left
+out. Several repetitions; the median and the range are reported. Writes bench/results.json and
+prints a markdown table.
+
+``--naive`` adds, for each stage that has one, a row with the log-prob hot path replaced by the naive
+full-vocabulary computation (bench/baseline.py), measured in the same run. ``--before CHECKOUT`` adds a
+row per stage for the package of another checkout (``git worktree add /tmp/old COMMIT``), so a change's
+before and after are measured in one run, alternating.
+
+Usage: python bench/run.py [--stages sft,dpo_warm] [--reps 3] [--steps 6] [--threads 2] [--naive]
+                           [--before CHECKOUT]
 """
 
 from __future__ import annotations
@@ -25,6 +49,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
+WARMUP = 2  # untimed steps: allocators and kernels warm up
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def synthetic_sft_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -40,6 +68,25 @@ def synthetic_sft_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
     return examples
 
 
+def synthetic_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        prompt = [1] + [rng.randrange(10, vocab) for _ in range(rng.randint(20, 60))]
+        responses = [[rng.randrange(10, vocab) for _ in range(rng.randint(20, 120))] for _ in range(2)]
+        length = len(prompt) + max(map(len, responses))
+        examples.append({"prompt_ids": prompt, "responses": responses, "margin": None, "length": length})
+    return examples
+
+
+def synthetic_prompt_ids(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(10, vocab) for _ in range(rng.randint(20, 60))] for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
 def matmul_flops(threads: int, size: int = 1024, reps: int = 10) -> float:
     import torch
 
@@ -52,58 +99,373 @@ def matmul_flops(threads: int, size: int = 1024, reps: int = 10) -> float:
         start = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / min(times)  # the best this process gets now: what the hardware can do
 
 
-def bench_sft(model_dir: Path, steps: int, micro: int, threads: int) -> dict:
-    """Time SFT optimizer steps through the real engine (Trainer.train_step + AdamW)."""
-    import resource
+def peak_mb() -> float:
+    from align_cli.runs import peak_memory_mb
 
-    import torch
+    return peak_memory_mb()
 
-    from align_cli.engine.loop import StageSpec, Trainer, build_optimizer, make_accelerator
-    from align_cli.models import load_causal_lm
-    from align_cli.recipe import ModelSection, TrainingSection
-    from align_cli.stages.sft import make_collate, sft_loss
 
-    torch.set_num_threads(threads)
-    model = load_causal_lm(ModelSection(name_or_path=str(model_dir)))
-    vocab = model.config.vocab_size
-    examples = synthetic_sft_examples(micro * (steps + 2), vocab)
-    t = TrainingSection(micro_batch_size=micro, lr=1e-4, max_steps=steps + 2)
+def param_split(model) -> tuple[int, int]:
+    """(body parameters, LM-head parameters); embeddings are lookups and count as no FLOPs."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    body = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and id(p) not in head_ids
+    )
+    return body, sum(p.numel() for p in head.parameters()) if head is not None else 0
+
+
+def supervised(batch: dict) -> int:
+    from align_cli.data.tokenize import IGNORE_INDEX
+
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else 0
+
+
+def computed_tokens(batch: dict) -> int:
+    """Positions the model runs on: every row of each length bucket is padded to that bucket's width."""
+    if batch.get("buckets"):
+        return sum(len(rows) * width for rows, width in batch["buckets"])
+    return batch["input_ids"].numel()
+
+
+def time_train_steps(spec, t, steps: int, passes: int = 3) -> dict:
+    """Time ``steps`` optimizer steps (after WARMUP) of a StageSpec through Trainer.train_step + AdamW.
+
+    ``passes``: 3 for forward + backward (6 FLOPs per parameter and token)."""
+    from align_cli.engine.loop import Trainer, build_optimizer, make_accelerator
+
     accelerator = make_accelerator("fp32")
-    spec = StageSpec("sft", model, examples, make_collate(0, packing=False), sft_loss)
     trainer = Trainer(spec, t, Path(tempfile.mkdtemp()), accelerator)
-    optimizer = build_optimizer(model, t)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plan = trainer._plan(0)
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    tokens, padded, elapsed = 0, 0, 0.0
-    for i, micro_batches in enumerate(plan[: steps + 2]):
-        batches = trainer._micro_batches(micro_batches, examples)
+    optimizer = build_optimizer(spec.model, t)
+    model, optimizer = accelerator.prepare(spec.model, optimizer)
+    body, head = param_split(spec.model)
+    tokens = padded = sup = 0
+    elapsed = 0.0
+    for i, micro_batches in enumerate(trainer._plan(0)[: steps + WARMUP]):
+        batches = trainer._micro_batches(micro_batches, spec.train_examples)
         start = time.perf_counter()
         row = trainer.train_step(model, batches)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= 2:  # the first steps warm up allocators and kernels
+        if i >= WARMUP:
             elapsed += time.perf_counter() - start
             tokens += row["tokens"]
-            padded += sum(b["input_ids"].numel() for b in batches)
+            padded += sum(computed_tokens(b) for b in batches)
+            sup += sum(supervised(b) for b in batches)
+    flops = 2 * passes * (body * tokens + head * sup)
     return {
+        "elapsed_s": elapsed,
+        "tokens": tokens,
         "tokens_per_s": tokens / elapsed,
         "steps_per_s": steps / elapsed,
-        "flops_per_s": 6 * non_embedding * tokens / elapsed,
+        "flops_per_s": flops / elapsed,
         "padding_fraction": 1 - tokens / padded,
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-STAGES = {"sft": bench_sft}
+# ----------------------------------------------------------------------------- stages
+
+
+def _causal_lm(model_dir: Path):
+    from align_cli.models import load_causal_lm
+    from align_cli.recipe import ModelSection
+
+    return load_causal_lm(ModelSection(name_or_path=str(model_dir)))
+
+
+def bench_sft(model_dir: Path, a: argparse.Namespace) -> dict:
+    from align_cli.engine.loop import StageSpec
+    from align_cli.recipe import TrainingSection
+    from align_cli.stages.sft import make_collate, sft_loss
+
+    model = _causal_lm(model_dir)
+    examples = synthetic_sft_examples(a.micro * (a.steps + WARMUP), model.config.vocab_size)
+    t = TrainingSection(micro_batch_size=a.micro, lr=1e-4, max_steps=a.steps + WARMUP)
+    spec = StageSpec("sft", model, examples, make_collate(0, packing=False), sft_loss)
+    return time_train_steps(spec, t, a.steps) | {"peak_memory_mb": peak_mb()}
+
+
+def bench_reward(model_dir: Path, a: argparse.Namespace) -> dict:
+    from align_cli.engine.loop import StageSpec
+    from align_cli.models import load_reward_model
+    from align_cli.recipe import ModelSection, TrainingSection
+    from align_cli.stages.reward import collate_pairs, make_compute_loss
+
+    model = load_reward_model(ModelSection(name_or_path=str(model_dir)), 0)
+    pairs = a.micro // 2
+    examples = synthetic_pairs(pairs * (a.steps + WARMUP), model.config.vocab_size)
+    t = TrainingSection(micro_batch_size=pairs, lr=1e-5, max_steps=a.steps + WARMUP)
+    spec = StageSpec("reward", model, examples, lambda ex: collate_pairs(ex, 0), make_compute_loss())
+    return time_train_steps(spec, t, a.steps) | {"peak_memory_mb": peak_mb()}
+
+
+def _bench_dpo(model_dir: Path, a: argparse.Namespace, cold: bool) -> dict:
+    """DPO steps reading reference log-probs from the disk cache (``ALIGN_CACHE_DIR``, set by the
+    parent): cold computes them first (a miss, timed with the steps), warm finds them (a hit)."""
+    from align_cli.engine.loop import StageSpec
+    from align_cli.recipe import DPOSection, TrainingSection
+    from align_cli.reference_cache import attach_reference_logps, compute_logps
+    from align_cli.stages.dpo import make_collate, make_compute_loss
+
+    model = _causal_lm(model_dir)
+    body, head = param_split(model)
+    pairs = a.micro // 2
+    examples = synthetic_pairs(pairs * (a.steps + WARMUP), model.config.vocab_size)
+    material = {"bench": "dpo", "model": str(model_dir)}
+    start = time.perf_counter()
+    info = attach_reference_logps(examples, material, lambda: compute_logps(model, examples, 0, 2 * a.micro))
+    reference_s = time.perf_counter() - start
+    if info["hit"] == cold:
+        raise RuntimeError(f"dpo_{'cold' if cold else 'warm'}: expected a cache {'miss' if cold else 'hit'}")
+    t = TrainingSection(micro_batch_size=pairs, lr=1e-5, max_steps=a.steps + WARMUP)
+    spec = StageSpec("dpo", model, examples, make_collate(0), make_compute_loss(DPOSection()))
+    row = time_train_steps(spec, t, a.steps)
+    if cold:  # the reference pass covered every example; charge the timed steps their share
+        share = reference_s * a.steps / (a.steps + WARMUP)
+        rows = [r for e in examples[: pairs * a.steps] for r in e["responses"]]
+        ref_tokens = sum(len(e["prompt_ids"]) * 2 for e in examples[: pairs * a.steps]) + sum(map(len, rows))
+        ref_flops = 2 * (body * ref_tokens + head * sum(map(len, rows)))
+        elapsed = row["elapsed_s"] + share
+        row |= {
+            "elapsed_s": elapsed,
+            "tokens_per_s": row["tokens"] / elapsed,
+            "steps_per_s": a.steps / elapsed,
+            "flops_per_s": (row["flops_per_s"] * row["elapsed_s"] + ref_flops) / elapsed,
+            "reference_pass_s": reference_s,
+        }
+    return row | {"peak_memory_mb": peak_mb()}
+
+
+def bench_dpo_cold(model_dir: Path, a: argparse.Namespace) -> dict:
+    return _bench_dpo(model_dir, a, cold=True)
+
+
+def bench_dpo_warm(model_dir: Path, a: argparse.Namespace) -> dict:
+    return _bench_dpo(model_dir, a, cold=False)
+
+
+def bench_dpo_live(model_dir: Path, a: argparse.Namespace) -> dict:
+    """The dpo_warm steps with a live reference model (``dpo.reference_cache: false``): a second copy of
+    the model scores every batch, so it is in memory for the whole run."""
+    from align_cli.engine.loop import StageSpec, make_accelerator
+    from align_cli.recipe import DPOSection, TrainingSection
+    from align_cli.stages.dpo import live_reference, make_collate, make_compute_loss
+
+    model = _causal_lm(model_dir)
+    reference = live_reference(make_accelerator("fp32"), _causal_lm(model_dir).requires_grad_(False).eval())
+    pairs = a.micro // 2
+    examples = synthetic_pairs(pairs * (a.steps + WARMUP), model.config.vocab_size)
+    t = TrainingSection(micro_batch_size=pairs, lr=1e-5, max_steps=a.steps + WARMUP)
+    cfg = DPOSection(reference_cache=False)
+    spec = StageSpec("dpo", model, examples, make_collate(0), make_compute_loss(cfg, reference))
+    # forward + backward of the policy (6 FLOPs per parameter and token) + the reference's forward (2)
+    return time_train_steps(spec, t, a.steps, passes=4) | {"peak_memory_mb": peak_mb()}
+
+
+def bench_rs_generation(model_dir: Path, a: argparse.Namespace) -> dict:
+    """N = 16 samples per prompt: batched (one generate call per prompt) vs one at a time."""
+    from align_cli.generation import SamplingParams, sample
+    from align_cli.models import load_tokenizer
+    from align_cli.recipe import ModelSection
+
+    n, max_new = 16, a.max_new_tokens
+    model = _causal_lm(model_dir)
+    tokenizer = load_tokenizer(ModelSection(name_or_path=str(model_dir)))
+    body, head = param_split(model)
+    prompts = synthetic_prompt_ids(a.gen_prompts, model.config.vocab_size, seed=1)
+    sample(model, tokenizer, prompts[:1], SamplingParams(n=2, max_new_tokens=8))  # warm-up
+
+    def timed(batched: bool) -> tuple[float, int, int]:
+        start, new, prompt_tokens = time.perf_counter(), 0, 0
+        for p, prompt in enumerate(prompts):
+            if batched:
+                params = [SamplingParams(n=n, max_new_tokens=max_new, seed=p, prompts_per_batch=1)]
+            else:
+                params = [SamplingParams(n=1, max_new_tokens=max_new, seed=p * n + k) for k in range(n)]
+            for sp in params:
+                out = sample(model, tokenizer, [prompt], sp)
+                new += sum(len(s.response_ids) for s in out)
+                prompt_tokens += len(prompt) * len(out)
+        return time.perf_counter() - start, new, prompt_tokens
+
+    seq_s, seq_new, _ = timed(batched=False)
+    bat_s, bat_new, bat_prompt = timed(batched=True)
+    # forward only; the prompt is processed once per sample (num_return_sequences expands it)
+    flops = 2 * body * (bat_new + bat_prompt) + 2 * head * (bat_new + len(prompts) * n)
+    return {
+        "tokens_per_s": bat_new / bat_s,
+        "steps_per_s": len(prompts) / bat_s,  # prompts (each with its N samples) per second
+        "flops_per_s": flops / bat_s,
+        "padding_fraction": None,
+        "sequential_tokens_per_s": seq_new / seq_s,
+        "batched_over_sequential": (bat_new / bat_s) / (seq_new / seq_s),
+        "peak_memory_mb": peak_mb(),
+    }
+
+
+def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
+    """Whole PPO iterations (rollout + one epoch of updates) through stages/ppo.py's rollout and update."""
+
+    from align_cli import losses as L
+    from align_cli.data.prompts import Prompt
+    from align_cli.engine.loop import build_optimizer, build_scheduler, make_accelerator
+    from align_cli.models import load_reward_model, load_tokenizer
+    from align_cli.recipe import ModelSection, PPOSection, Recipe, TrainingSection
+    from align_cli.stages.ppo import ActorCritic, rollout, update
+
+    section = ModelSection(name_or_path=str(model_dir))
+    tokenizer = load_tokenizer(section)
+    policy = _causal_lm(model_dir)
+    reference = _causal_lm(model_dir).eval().requires_grad_(False)
+    scorer = load_reward_model(section, tokenizer.pad_token_id).eval().requires_grad_(False)
+    body, head = param_split(policy)
+    p = PPOSection(
+        value_model="policy_head",
+        rollout_batch_size=a.ppo_rollouts,
+        mini_batch_size=a.ppo_rollouts // 2,
+        ppo_epochs=1,
+        max_new_tokens=a.max_new_tokens,
+    )
+    recipe = Recipe(training=TrainingSection(lr=1e-6), ppo=p)
+    actor = ActorCritic(policy, None)
+    acc = make_accelerator("fp32")
+    iterations = a.ppo_iterations + 1
+    optimizer = build_optimizer(actor, recipe.training)
+    scheduler = build_scheduler(optimizer, recipe.training, iterations * 2)
+    actor, optimizer, scheduler = acc.prepare(actor, optimizer, scheduler)
+    ctx = {
+        "recipe": recipe,
+        "tokenizer": tokenizer,
+        "actor": actor,
+        "reference": reference,
+        "scorer": scorer,
+        "scorer_tokenizer": tokenizer,
+        "accelerator": acc,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "kl_ctl": L.FixedKLController(p.kl_coef),
+        "ptx": [],
+        "run_dir": Path(tempfile.mkdtemp()),
+        "skipped": 0,
+    }
+    # padding of the scoring and training passes (use_cache=False; generation's KV-cached steps excluded)
+    passes = {"real": 0, "computed": 0}
+
+    def count(module, args, kwargs):
+        if kwargs.get("use_cache") is False and kwargs.get("attention_mask") is not None:
+            passes["real"] += int(kwargs["attention_mask"].sum())
+            passes["computed"] += kwargs["input_ids"].numel()
+
+    for m in (policy, reference, scorer):
+        m.register_forward_pre_hook(count, with_kwargs=True)
+    rng = random.Random(2)
+    vocab = policy.config.vocab_size
+    elapsed, tokens, flops = 0.0, 0, 0
+    for it in range(iterations):
+        texts = [
+            tokenizer.decode([rng.randrange(10, vocab) for _ in range(rng.randint(20, 60))])
+            for _ in range(p.rollout_batch_size)
+        ]
+        prompts = [Prompt(f"bench:{i}", text) for i, text in enumerate(texts)]
+        start = time.perf_counter()
+        ro = rollout(ctx, prompts, it)
+        update(ctx, ro, it)
+        took = time.perf_counter() - start
+        if it == 0:  # warm-up
+            passes.update(real=0, computed=0)
+            continue
+        elapsed += took
+        mask = ro["batch"]["attention_mask"]
+        n_tok, n_resp = int(mask.sum()), int(ro["lengths"].sum())
+        tokens += n_tok
+        # generation, then policy + reference + reward forward passes, then forward + backward
+        flops += 2 * body * n_tok + 2 * head * n_resp
+        flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
+        flops += p.ppo_epochs * (6 * body * n_tok + 6 * head * n_resp)
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "steps_per_s": a.ppo_iterations / elapsed,
+        "flops_per_s": flops / elapsed,
+        "padding_fraction": 1 - passes["real"] / passes["computed"],
+        "peak_memory_mb": peak_mb(),
+    }
+
+
+STAGES = {
+    "sft": bench_sft,
+    "reward": bench_reward,
+    "dpo_cold": bench_dpo_cold,
+    "dpo_warm": bench_dpo_warm,
+    "dpo_live": bench_dpo_live,
+    "rs_generation": bench_rs_generation,
+    "ppo_iteration": bench_ppo_iteration,
+}
+# stages whose hot path has a naive twin
+HAS_NAIVE = ("sft", "dpo_cold", "dpo_warm", "dpo_live", "ppo_iteration")
 
 
 def child(args: argparse.Namespace) -> None:
-    result = STAGES[args.child](Path(args.model), args.steps, args.micro, args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.naive_child:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import baseline
+
+        baseline.install()
+    # measured in the stage's own process just before it, so a machine whose speed drifts (shared
+    # cores) is compared with itself
+    matmul = matmul_flops(args.threads)
+    result = STAGES[args.child](Path(args.model), args)
+    result |= {"matmul_flops_per_s": matmul, "mfu": result["flops_per_s"] / matmul}
     print("RESULT " + json.dumps(result))
+
+
+def run_child(stage: str, naive: bool, model_dir: Path, args: argparse.Namespace, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", stage, "--model", str(model_dir)]
+    for name in (
+        "steps",
+        "micro",
+        "threads",
+        "max_new_tokens",
+        "gen_prompts",
+        "ppo_rollouts",
+        "ppo_iterations",
+    ):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if naive:
+        cmd.append("--naive-child")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"bench: stage {stage} failed (exit {proc.returncode})")
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def main() -> None:
@@ -113,76 +475,120 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument(
+        "--micro", type=int, default=8, help="sequences per micro-batch (DPO/reward: pairs x 2)"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="generation and PPO response length")
+    parser.add_argument("--gen-prompts", type=int, default=2, help="prompts for rs_generation (N = 16 each)")
+    parser.add_argument("--ppo-rollouts", type=int, default=8)
+    parser.add_argument(
+        "--ppo-iterations", type=int, default=2, help="timed PPO iterations (after one warm-up)"
+    )
+    parser.add_argument("--naive", action="store_true", help="also measure the naive log-prob path")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also measure the align_cli of another checkout (e.g. a git worktree of an older commit)",
+    )
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from align_cli.presets import init_model
 
-    model_dir = Path(tempfile.mkdtemp()) / "small"
+    work = Path(tempfile.mkdtemp(prefix="align-bench-"))
+    model_dir = work / "small"
     init_model("small", model_dir, seed=0)
-    peak = matmul_flops(args.threads)
-    results = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "threads": args.threads,
-        },
-        "matmul_flops_per_s": peak,
-        "stages": {},
+    results = {"machine": machine(args.threads), "settings": {}, "stages": {}}
+    results["settings"] = {k: getattr(args, k) for k in ("reps", "steps", "micro", "max_new_tokens")}
+    env = os.environ | {
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
     }
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    for stage in args.stages.split(","):
-        runs = []
-        for _ in range(args.reps):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                stage,
-                "--model",
-                str(model_dir),
-                "--steps",
-                str(args.steps),
-                "--micro",
-                str(args.micro),
-                "--threads",
-                str(args.threads),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    stages = args.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    # variants: "" (this code), "naive" (its naive log-prob path), "before" (the align_cli of --before)
+    variants = [(s, "") for s in stages]
+    if args.before:
+        variants += [(s, "before") for s in stages]
+    if args.naive:
+        variants += [(s, "naive") for s in stages if s in HAS_NAIVE]
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.reps):  # alternate variants so drifting machine load hits all alike
+        for stage, kind in variants:
+            name = f"{stage} ({kind})" if kind else stage
+            # dpo_cold fills the variant's cache, dpo_warm reads it
+            run_env = env | {"ALIGN_CACHE_DIR": str(work / f"cache-{kind}-{rep}")}
+            if kind == "before":  # another checkout's package first on the path
+                run_env["PYTHONPATH"] = str(Path(args.before).resolve())
+            if stage == "dpo_warm" and not any(s == "dpo_cold" and k == kind for s, k in variants):
+                run_child("dpo_cold", kind == "naive", model_dir, args, run_env)  # fill the cache first
+            runs.setdefault(name, []).append(run_child(stage, kind == "naive", model_dir, args, run_env))
+            print(
+                f"rep {rep + 1}/{args.reps} {name}: {runs[name][-1]['tokens_per_s']:.0f} tok/s",
+                file=sys.stderr,
+            )
+    for name, rs in runs.items():
         summary = {}
-        for key in runs[0]:
-            values = [r[key] for r in runs]
-            summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
-        summary["mfu"] = summary["flops_per_s"]["median"] / peak
-        results["stages"][stage] = summary
-    RESULTS.write_text(json.dumps(results, indent=1))
+        for key in rs[0]:
+            values = [r[key] for r in rs if r[key] is not None]
+            if values:
+                summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        results["stages"][name] = summary
+    every = [r["matmul_flops_per_s"] for rs in runs.values() for r in rs]
+    results["matmul_flops_per_s"] = {"median": statistics.median(every), "min": min(every), "max": max(every)}
+    Path(args.out).write_text(json.dumps(results, indent=1))
     print(markdown(results))
 
 
 def markdown(results: dict) -> str:
-    gflops, threads = results["matmul_flops_per_s"] / 1e9, results["machine"]["threads"]
+    m, mm = results["machine"], {k: v / 1e9 for k, v in results["matmul_flops_per_s"].items()}
     lines = [
-        f"matmul: {gflops:.1f} GFLOP/s ({threads} threads)",
+        f"{m.get('cpu', m.get('processor'))}, {m['threads']} threads, torch {m.get('torch', '?')}; "
+        f"matmul (1024^3 fp32, best of 10, in each stage's process): {mm['median']:.1f} GFLOP/s "
+        f"(range {mm['min']:.1f}-{mm['max']:.1f})",
         "",
         "| stage | tokens/s (median, range) | steps/s | peak memory MB | padding | FLOP/s vs matmul |",
         "|---|---|---|---|---|---|",
     ]
     for stage, s in results["stages"].items():
-        tps, steps, mem, pad = (
-            s[k] for k in ("tokens_per_s", "steps_per_s", "peak_memory_mb", "padding_fraction")
-        )
+        tps, steps, mem = (s[k] for k in ("tokens_per_s", "steps_per_s", "peak_memory_mb"))
+        pad = f"{s['padding_fraction']['median']:.1%}" if "padding_fraction" in s else "-"
         lines.append(
-            f"| {stage} | {tps['median']:.0f} ({tps['min']:.0f}-{tps['max']:.0f}) | {steps['median']:.2f} "
-            f"| {mem['median']:.0f} | {pad['median']:.1%} | {s['mfu']:.1%} |"
+            f"| {stage} | {tps['median']:.0f} ({tps['min']:.0f}-{tps['max']:.0f}) | {steps['median']:.3g} "
+            f"| {mem['median']:.0f} | {pad} | {s['mfu']['median']:.1%} |"
         )
+    stages = results["stages"]
+    for warm, live in (("dpo_warm", "dpo_live"), ("dpo_warm (before)", "dpo_live (before)")):
+        if warm in stages and live in stages:
+            w, v = stages[warm], stages[live]
+            pairs_per_step = results["settings"]["micro"] / 2
+            cached, alive = (x["steps_per_s"]["median"] * pairs_per_step for x in (w, v))
+            lines.append(
+                f"\n{warm} vs {live}: cached reference {cached / alive:.2f}x the pairs/s of a live reference "
+                f"model ({cached:.2f} vs {alive:.2f}); peak memory {w['peak_memory_mb']['median']:.0f} vs "
+                f"{v['peak_memory_mb']['median']:.0f} MB"
+            )
+    for stage, s in results["stages"].items():
+        if "batched_over_sequential" in s:
+            r, seq = s["batched_over_sequential"], s["sequential_tokens_per_s"]["median"]
+            lines.append(
+                f"\n{stage}: N = 16 samples per prompt batched vs one at a time: {r['median']:.1f}x "
+                f"(range {r['min']:.1f}-{r['max']:.1f}x; sequential {seq:.0f} tokens/s)"
+            )
+        if "reference_pass_s" in s:
+            lines.append(f"\n{stage}: reference log-prob pass {s['reference_pass_s']['median']:.1f} s")
     return "\n".join(lines)
 
 
