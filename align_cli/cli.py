@@ -82,6 +82,9 @@ def _setup_logging() -> None:
     )
     for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional 4-bit CPU kernel package is
+    # missing; align never runs 4-bit on a CPU (QLoRA needs CUDA)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch

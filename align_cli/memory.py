@@ -227,9 +227,9 @@ def estimate(
         acts = activation_bytes(config, rows, seq, act, ckpt, recipe.stage != "reward", scores)
         if value_config is not None:
             acts += activation_bytes(value_config, rows, seq, act, ckpt, False, scores)
+            what += " (policy and value model)"
         if scores:
             what += ", attention scores (CPU kernel)"
-            what += " (policy and value model)"
         training = [
             Component(
                 "weights (trained model)",

@@ -60,3 +60,19 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(tmp_path: Path, micr
     estimate, measured = result["estimate"] / 2**20, result["measured"] / 2**20
     print(f"micro-batch {micro} x {length}: estimate {estimate:.0f} MB, measured peak {measured:.0f} MB")
     assert abs(estimate - measured) <= 0.3 * measured, (estimate, measured)
+
+
+def test_activation_line_names_what_it_counts(tiny_model: Path):
+    from align_cli.memory import plan, read_config
+    from align_cli.recipe import load_recipe
+
+    config = read_config(str(tiny_model))
+
+    def activations(stage: str, device: str) -> str:
+        recipe = load_recipe(None, {"model.name_or_path": str(tiny_model)}, stage=stage)
+        estimate = plan(recipe, config, device=device)
+        return next(c.detail for c in estimate.components if c.name == "activations")
+
+    assert "value model" not in activations("sft", "cpu") and "attention scores" in activations("sft", "cpu")
+    assert "attention scores" not in activations("sft", "cuda")
+    assert "policy and value model" in activations("ppo", "cuda")  # value model: a reward-model copy
