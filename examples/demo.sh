@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: the DPO paper's controlled-sentiment experiment, offline and CPU-sized (about 4 minutes).
+# The demo: the DPO paper's controlled-sentiment experiment, offline and CPU-sized (2-3 minutes on 2 cores).
 # Builds the offline tiny model and the synthetic review data, then `align frontier` runs
 # SFT -> reward model -> {Preferred-FT, DPO over beta, PPO over the KL coefficient, best-of-N over N}
 # and evaluates every policy against the SFT model: hidden ground-truth sentiment vs KL(policy || SFT).
