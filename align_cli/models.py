@@ -314,18 +314,18 @@ def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     bucket (``batch["buckets"]``), so short rows are not padded. Returns float32 scores, shape [R]."""
     captured: list[torch.Tensor] = []
     handle = score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
-    scores = None
+    groups = row_buckets(batch)
+    parts = []
     try:
-        for index, sub in row_buckets(batch):
+        for index, sub in groups:
             model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
             per_position = captured[-1]  # [rows, T, 1]
             rows = torch.arange(per_position.shape[0], device=per_position.device)
             last = batch["last_index"] if index is None else batch["last_index"][index]
-            values = per_position[rows, last, 0].float()
-            if index is None:
-                return values
-            scores = values.new_zeros(batch["input_ids"].shape[0]) if scores is None else scores
-            scores = scores.index_add(0, index, values)
+            parts.append(per_position[rows, last, 0].float())
     finally:
         handle.remove()
-    return scores
+    if len(groups) == 1:
+        return parts[0]
+    scores = torch.cat(parts)  # bucket order -> the batch's row order
+    return scores.new_empty(scores.shape).scatter(0, torch.cat([index for index, _ in groups]), scores)
