@@ -200,7 +200,14 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     Only the positions whose next token is supervised go through the LM head (transformers'
     boolean ``logits_to_keep``), so prompt and padding positions never produce vocabulary-sized
     logits, and those go through it in chunks fused with the log-softmax and the gather
-    (align_cli/logprobs.py). Returns (logps [N], sequence index [N]), N = number of supervised tokens."""
+    (align_cli/logprobs.py). A batch with length buckets (``batch["buckets"]``, from
+    ``length_buckets``) runs one forward pass per bucket, with the same result as one padded pass.
+    Returns (logps [N], sequence index [N]), N = number of supervised tokens, in row-major order."""
+    (logps,) = per_token_by_bucket(lambda sub: (_one_pass_logprobs(model, sub),), batch, batch.get("buckets"))
+    return logps, sequence_index(batch)[:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+
+
+def _one_pass_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -213,7 +220,7 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
             logits_to_keep=keep,
             use_cache=False,
         )
-    return result[-1][0], sequence_index(batch)[:, 1:][targets_mask]
+    return result[-1][0]
 
 
 def per_token_by_bucket(

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from align_cli.data.collate import row_buckets
 from align_cli.data.preference import collate_responses
 from align_cli.models import response_logprobs
 from align_cli.runs import runs_root
@@ -46,16 +45,11 @@ def cache_dir() -> Path:
 
 
 def summed_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """log pi(y|x) summed over each row's response tokens: [R] for the R rows of ``batch``, with one
-    forward pass per length bucket of rows (``batch["buckets"]``) so short rows are not padded."""
+    """log pi(y|x) summed over each row's response tokens: [R] for the R rows of ``batch`` (one forward
+    pass per length bucket of rows when the batch has ``buckets``)."""
+    logps, seq = response_logprobs(model, batch)
     rows = batch["input_ids"].shape[0]
-    total = None
-    for index, sub in row_buckets(batch):
-        logps, seq = response_logprobs(model, sub)
-        if total is None:
-            total = torch.zeros(rows, device=logps.device, dtype=logps.dtype)
-        total = total.index_add(0, seq if index is None else index[seq], logps)
-    return total
+    return torch.zeros(rows, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
 
 
 # ----------------------------------------------------------------------------- hashing

@@ -230,16 +230,16 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """log pi_ref of the response tokens [N]: the frozen SFT model, or under LoRA the policy itself with
     its adapters disabled (its base weights are the SFT weights: no second copy in memory)."""
-    reference = ctx["reference"]
-    if reference is not None:
-        return per_token_by_bucket(lambda sub: response_logprobs(reference, sub)[:1], batch, buckets)[0]
+    batch = {**batch, "buckets": buckets}
+    if ctx["reference"] is not None:
+        return response_logprobs(ctx["reference"], batch)[0]
     acc = ctx["accelerator"]
     with for_generation(acc, ctx["actor"]) as (unwrapped, _):
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
         with policy.disable_adapter(), acc.autocast():
-            out = per_token_by_bucket(lambda sub: response_logprobs(policy, sub)[:1], batch, buckets)[0]
+            out = response_logprobs(policy, batch)[0]
         policy.train(was_training)
     return out
 
