@@ -619,7 +619,8 @@ def export(
 @app.command(
     "init-model",
     epilog="Examples:\n\n  align init-model --preset tiny --out examples/models/tiny\n\n"
-    "  align init-model --preset small --out /tmp/small --seed 1",
+    "  align init-model --preset small --out /tmp/small --seed 1\n\n"
+    "  align init-model --preset tiny --base --out /tmp/tiny-base",
 )
 def init_model(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the model and tokenizer to.")],
@@ -631,6 +632,13 @@ def init_model(
         list[Path] | None,
         typer.Option("--corpus", help="Text/JSONL files to train the tokenizer on (repeatable)."),
     ] = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base",
+            help="A base model's tokenizer: no chat template, no chat markers (chat SFT then adds its own).",
+        ),
+    ] = False,
 ) -> None:
     """Write a random-init Llama-architecture model with an offline byte-level BPE tokenizer."""
     from align_cli.presets import PRESETS
@@ -645,7 +653,7 @@ def init_model(
         if missing:
             _fail(f"--corpus: no such file(s): {', '.join(missing)}")
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus]
-    path = build(preset, out, seed=seed, corpus=texts)
+    path = build(preset, out, seed=seed, corpus=texts, chat=not base)
     console.print(f"wrote {preset} model to [bold]{path}[/]")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from align_cli.generation import SamplingParams, sample
 from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
 from align_cli.recipe import ModelSection, RecipeError
 from align_cli.scoring import score
+from align_cli.stages.rejection_sampling import best_of_n_weights
 
 
 def load_reward_fn(spec: str) -> Callable[[str], float]:
@@ -53,11 +53,16 @@ def load_reward_fn(spec: str) -> Callable[[str], float]:
         raise RecipeError(f"ground truth {spec!r}: cannot load: {exc}") from exc
 
 
+# Samples are drawn from pi itself, and the KL is computed on the same distribution: one temperature,
+# no truncation (top-p/top-k would make log pi the wrong density for the samples).
+TEMPERATURE = 1.0
+
+
 def _params(n: int, max_new_tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(
         n=n,
         max_new_tokens=max_new_tokens,
-        temperature=1.0,
+        temperature=TEMPERATURE,
         top_p=1.0,
         top_k=0,
         seed=seed,
@@ -77,7 +82,7 @@ def sequence_logprobs(
             for p, r in zip(prompt_ids[start : start + 32], responses[start : start + 32])
         ]
         batch = collate_responses(examples, pad_id)
-        logps, seq = response_logprobs(model, batch)
+        logps, seq = response_logprobs(model, batch, TEMPERATURE)
         out.append(torch.zeros(len(examples)).index_add(0, seq, logps))
     return torch.cat(out)
 
@@ -124,10 +129,8 @@ class Evaluator:
         if self.ground_truth is not None:
             out["reward"] = [float(self.ground_truth(t)) for t in texts]
         if self.scorer is not None:
-            prompt_texts = [
-                self.prompts[s.prompt_index].text(self.template, self.scorer_tok) for s in samples
-            ]
-            out["rm_score"] = score(self.scorer, self.scorer_tok, prompt_texts, texts, self.template)
+            prompts, finished = [self.prompts[s.prompt_index] for s in samples], [s.finished for s in samples]
+            out["rm_score"] = score(self.scorer, self.scorer_tok, prompts, texts, self.template, finished)
         return out
 
     def _draw(self, model: Any, n: int, seed: int) -> tuple[list, list[str]]:
@@ -169,7 +172,14 @@ class Evaluator:
         return summary, rows
 
     def best_of_n(self, ns: list[int], pool_factor: int = 4) -> list[dict[str, float]]:
-        """Best-of-N from the reference, selected by the reward model, for each N in ``ns``."""
+        """Best-of-N from the reference, selected by the reward model, for each N in ``ns``.
+
+        Each prompt gets a pool of M = max(ns) * pool_factor samples, sorted by RM score ascending. The
+        expected value of any quantity of the RM-selected best of n samples drawn from the pool is the
+        weighted sum over the sorted pool with the unbiased best-of-n weights
+        w_i = C(i-1, n-1) / C(M, n) (``best_of_n_weights``): for the RM score, the ground-truth reward
+        of the selected sample, and its KL term log n + (n - 1) log F_i, with F_i = (i - 1/2) / M the
+        empirical CDF at the i-th smallest RM score. Rows average these over prompts."""
         if self.scorer is None:
             raise RecipeError("best-of-N evaluation needs a reward model to select with")
         pool_size = max(ns) * pool_factor
@@ -182,17 +192,14 @@ class Evaluator:
         rows = []
         for n in ns:
             gt, kl_terms, rm_best = [], [], []
-            for p, idx in enumerate(per_prompt):
-                order = idx[:]
-                random.Random(self.seed * 31 + p * 7 + n).shuffle(order)
-                ranked = sorted(idx, key=lambda i: rm[i])
-                mid_rank = {i: (r + 0.5) / len(idx) for r, i in enumerate(ranked)}  # empirical CDF F(r)
-                for g in range(0, len(order) - n + 1, n):
-                    winner = max(order[g : g + n], key=lambda i: rm[i])
-                    rm_best.append(rm[winner])
-                    kl_terms.append(math.log(n) + (n - 1) * math.log(mid_rank[winner]))
-                    if "reward" in scores:
-                        gt.append(scores["reward"][winner])
+            for idx in per_prompt:
+                ranked = sorted(idx, key=lambda i: rm[i])  # ascending RM score
+                weights = best_of_n_weights(len(ranked), n)
+                cdf = [(r + 0.5) / len(ranked) for r in range(len(ranked))]  # empirical CDF F(r)
+                rm_best.append(sum(w * rm[i] for w, i in zip(weights, ranked)))
+                kl_terms.append(sum(w * (math.log(n) + (n - 1) * math.log(f)) for w, f in zip(weights, cdf)))
+                if "reward" in scores:
+                    gt.append(sum(w * scores["reward"][i] for w, i in zip(weights, ranked)))
             row = {
                 "n": n,
                 "kl": sum(kl_terms) / len(kl_terms),

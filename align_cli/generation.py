@@ -9,6 +9,8 @@ used when it is installed and a GPU is present (``backend="auto"``); plain trans
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,30 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+@contextmanager
+def neutral_generation_config(model: Any, tokenizer: Any) -> Iterator[None]:
+    """During the block, ``model.generation_config`` is a blank one (the tokenizer's special ids only).
+
+    Samples must come from the policy itself: a checkpoint's generation_config (repetition penalty,
+    no-repeat n-grams, min length, bad words, its own temperature...) would change the distribution they
+    are drawn from, while PPO and eval score them under the plain policy. transformers fills every
+    setting a call leaves unset from the model's own config, so that config is swapped out, not
+    overridden; the call then passes the recipe's settings alone."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    own = inner.generation_config
+    inner.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    try:
+        yield
+    finally:
+        inner.generation_config = own
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -97,20 +123,21 @@ def sample(
         ids, mask = left_pad(chunk, pad, device)
         torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
         greedy = params.temperature <= 0
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy else params.top_k,
-            max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
-            eos_token_id=stops,
-            pad_token_id=pad,
-            use_cache=True,
-            synced_gpus=synced_gpus,
-        )
+        with neutral_generation_config(model, tokenizer):
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=not greedy,
+                temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p,
+                top_k=None if greedy else params.top_k,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.n,
+                eos_token_id=stops,
+                pad_token_id=pad,
+                use_cache=True,
+                synced_gpus=synced_gpus,
+            )
         new = generated[:, ids.shape[1] :].tolist()
         for row, tokens in enumerate(new):
             prompt_row = row // params.n
@@ -146,23 +173,29 @@ def sample_vllm(
 ) -> list[Sample]:
     """The same contract as ``sample`` on vLLM (chosen automatically when installed and a GPU is present).
 
-    Not exercised by this project's CI, which has no GPU; the transformers path is the reference."""
+    Every prompt gets its own request seed, params.seed * 1_000_003 + its index in ``prompts`` (the
+    global index: the main process samples all prompts on vLLM), so two prompts never share a random
+    stream and a new round (a new params.seed) draws new samples. Not exercised by this project's CI,
+    which has no GPU and no vLLM; the transformers path is the reference."""
     from vllm import LLM
     from vllm import SamplingParams as VllmParams
 
     stops = stop_token_ids(tokenizer)
     llm = LLM(model=model_dir, seed=params.seed)
     greedy = params.temperature <= 0
-    vllm_params = VllmParams(
-        n=params.n,
-        temperature=0.0 if greedy else params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else -1,
-        max_tokens=params.max_new_tokens,
-        stop_token_ids=stops,
-        seed=params.seed,
-    )
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], vllm_params)
+    per_prompt = [
+        VllmParams(
+            n=params.n,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=stops,
+            seed=params.seed * 1_000_003 + index,
+        )
+        for index in range(len(prompts))
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt)
     samples = []
     for index, output in enumerate(outputs):
         for k, completion in enumerate(output.outputs):

@@ -10,6 +10,9 @@ costs no more than one chunk and saves the recompute), and writes the gradient d
 onehot(t) - softmax(z) directly, so at no point of forward or backward does more than one chunk of
 vocabulary-sized values exist.
 
+``temperature`` divides the logits before the log-softmax: on-policy methods score a sample under the
+distribution it was drawn from, softmax(z / T), never under softmax(z) when they sampled at T != 1.
+
 The head is swapped inside the model's own forward call, so wrappers (DDP, FSDP, peft, autocast) see
 an ordinary forward pass and the head's weight is used where the original head would have used it.
 """
@@ -35,24 +38,23 @@ def chunk_rows(vocab: int) -> int:
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """log softmax(h W^T + b)[t] (and the entropy) row by row, in chunks; backward recomputes each chunk.
-
-    Inputs are already in the compute dtype; logits are reduced in float32."""
+    """log softmax((h W^T + b) / T)[t] (and the entropy) row by row, in chunks; backward recomputes each
+    chunk. Inputs are already in the compute dtype; logits are reduced in float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, rows: int, with_entropy: bool, temperature: float = 1.0):
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
-        ctx.rows = rows
+        ctx.rows, ctx.temperature = rows, temperature
         if n <= rows:  # one chunk: keep its log-softmax for backward (at most CHUNK_ELEMENTS), no recompute
-            logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), -1)
+            logp = torch.log_softmax(_logits(hidden, weight, bias, temperature), -1)
             ctx.save_for_backward(hidden, weight, bias, targets, logp)
             out = logp.gather(-1, targets[:, None]).squeeze(-1)
             return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else out
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
         for s in range(0, n, rows):
-            logits = F.linear(hidden[s : s + rows], weight, bias).float()
+            logits = _logits(hidden[s : s + rows], weight, bias, temperature)
             lse = torch.logsumexp(logits, -1)
             logps[s : s + rows] = logits.gather(-1, targets[s : s + rows, None]).squeeze(-1) - lse
             if entropy is not None:  # H = lse - sum_j p_j z_j
@@ -70,7 +72,7 @@ class _LinearLogprobs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
             if kept_logp is None:
-                logp = torch.log_softmax(F.linear(h, weight, bias).float(), -1)
+                logp = torch.log_softmax(_logits(h, weight, bias, ctx.temperature), -1)
             else:
                 logp = kept_logp
             p = logp.exp()
@@ -82,6 +84,8 @@ class _LinearLogprobs(torch.autograd.Function):
                 ent = -(p * logp).sum(-1, keepdim=True)
                 term = p * (logp + ent) * grad_entropy[s : s + rows, None]
                 g = term.neg_() if g is None else g.sub_(term)
+            if ctx.temperature != 1.0:  # z / T: d/dz = (1 / T) d/d(z / T)
+                g = g.div_(ctx.temperature)
             g = g.to(weight.dtype)
             if want_h:
                 grad_h[s : s + rows] = g @ weight
@@ -95,11 +99,20 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_w, grad_b = torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
         grad_w = grad_w.to(weight.dtype) if want_w else None
         grad_b = grad_b.to(bias.dtype) if want_b else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
-def _checkpointed_chunk(head_forward: Any, h: torch.Tensor, t: torch.Tensor, with_entropy: bool):
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Any, temperature: float) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _checkpointed_chunk(
+    head_forward: Any, h: torch.Tensor, t: torch.Tensor, with_entropy: bool, temperature: float
+):
     logits = head_forward(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = torch.log_softmax(logits, -1)
     out = logp.gather(-1, t[:, None]).squeeze(-1)
     return (out, -(logp.exp() * logp).sum(-1)) if with_entropy else (out,)
@@ -111,8 +124,10 @@ def chunked_logprobs(
     targets: torch.Tensor,
     with_entropy: bool = False,
     head_forward: Any = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log p(target) [N], entropy [N] or None) of ``head(hidden)`` for hidden [N, H], targets [N].
+    """(log p(target) [N], entropy [N] or None) of softmax(``head(hidden)`` / ``temperature``) for hidden
+    [N, H], targets [N].
 
     A plain ``nn.Linear`` head takes the fused path (``_LinearLogprobs``); any other head (a LoRA-wrapped
     or quantized one) is called chunk by chunk under activation checkpointing, through
@@ -125,13 +140,13 @@ def chunked_logprobs(
         with torch.autocast(device, enabled=False):
             bias = head.bias.to(dtype) if head.bias is not None else None
             out = _LinearLogprobs.apply(
-                hidden.to(dtype), head.weight.to(dtype), bias, targets, rows, with_entropy
+                hidden.to(dtype), head.weight.to(dtype), bias, targets, rows, with_entropy, temperature
             )
         return out if with_entropy else (out, None)
     forward = head_forward or head.forward
     parts = [
         checkpoint(_checkpointed_chunk, forward, hidden[s : s + rows], targets[s : s + rows], with_entropy,
-                   use_reentrant=False)
+                   temperature, use_reentrant=False)
         for s in range(0, hidden.shape[0], rows)
     ]  # fmt: skip
     logps = torch.cat([p[0] for p in parts])
@@ -145,9 +160,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def head_logprobs(model: nn.Module, targets: torch.Tensor, with_entropy: bool = False) -> Iterator[list]:
+def head_logprobs(
+    model: nn.Module, targets: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0
+) -> Iterator[list]:
     """For one forward call of ``model`` inside the block: its LM head returns the log-probs of
-    ``targets`` (one per kept position, in order) instead of logits. The yielded list receives
+    ``targets`` (one per kept position, in order) under softmax(logits / ``temperature``) instead of
+    logits. The yielded list receives
     (logps [N], entropy [N] or None); the model's ``logits`` output then holds logps."""
     head = _unwrap(model).get_output_embeddings()
     own = head.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook) is kept
@@ -157,7 +175,7 @@ def head_logprobs(model: nn.Module, targets: torch.Tensor, with_entropy: bool = 
     fused = own is None and type(head) is nn.Linear
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        out = chunked_logprobs(head, hidden, targets, with_entropy, None if fused else original)
+        out = chunked_logprobs(head, hidden, targets, with_entropy, None if fused else original, temperature)
         results.append(out)
         return out[0]
 

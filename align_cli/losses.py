@@ -155,10 +155,13 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Direct Preference Optimization loss (Rafailov et al. 2023) and its variants, per pair.
 
-    Inputs are log pi(y|x) summed over the response tokens, shape [B]. With
+    Inputs are log pi(y|x) summed over the response tokens, shape [B], and (needed by IPO) the number
+    of response tokens |y_w|, |y_l| of each pair, shape [B]. With
 
         h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
 
@@ -167,10 +170,19 @@ def dpo_loss(
         "sigmoid":  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
                     eps = label_smoothing; eps = 0 is DPO, -log sigma(beta h); eps > 0 is
                     conservative DPO (labels flipped with probability eps).
-        "ipo":      (h - 1/(2 beta))^2                                   (IPO, Azar et al. 2023)
+        "ipo":      (h_bar - 1/(2 beta))^2                               (IPO, Azar et al. 2023)
+                    h_bar = (log pi(y_w|x) - log pi_ref(y_w|x)) / |y_w|
+                            - (log pi(y_l|x) - log pi_ref(y_l|x)) / |y_l|
         "hinge":    max(0, 1 - beta h)                                   (SLiC hinge, Zhao et al. 2023)
 
-    Implicit reward: r_hat(x, y) = beta * log(pi(y|x) / pi_ref(y|x)). The DPO gradient is
+    IPO uses per-token mean log-probs: every log-prob, policy and reference, is divided by its
+    response's number of tokens, as the IPO authors recommend and as TRL (``loss_type="ipo"``) and
+    torchtune do. This supersedes the summed form (h - 1/(2 beta))^2 of ALGORITHMS.md (with summed
+    log-probs h grows with the responses' length while the target 1/(2 beta) does not). Sigmoid and
+    hinge keep the sums (the lengths are then unused).
+
+    Implicit reward: r_hat(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) (for IPO on the same per-token
+    means as its loss). The DPO gradient is
 
         grad loss = -beta * sigma(r_hat(x, y_l) - r_hat(x, y_w)) * (grad log pi(y_w|x) - grad log pi(y_l|x))
 
@@ -181,10 +193,19 @@ def dpo_loss(
         are detached (for logging: reward accuracy, margins).
 
     Raises:
-        ValueError: for an unknown ``loss_type``.
+        ValueError: for an unknown ``loss_type``, or IPO without the response lengths.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("DPO loss_type 'ipo' needs chosen_lengths and rejected_lengths (token counts)")
+        policy_chosen_logps = policy_chosen_logps / chosen_lengths
+        policy_rejected_logps = policy_rejected_logps / rejected_lengths
+        if not reference_free:
+            ref_chosen_logps = ref_chosen_logps / chosen_lengths
+            ref_rejected_logps = ref_rejected_logps / rejected_lengths
 
     if reference_free:
         chosen_logratios = policy_chosen_logps

@@ -59,11 +59,27 @@ def load_tokenizer(section: ModelSection) -> Any:
     return tokenizer
 
 
+def quantization_settings(section: ModelSection) -> dict[str, Any]:
+    """The BitsAndBytesConfig arguments of the base weights as plain values, or {} when unquantized: the
+    one source for quantization_kwargs and for the reference cache key (no GPU needed)."""
+    if section.load_in_4bit:
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": section.dtype,
+        }
+    if section.load_in_8bit:
+        return {"load_in_8bit": True}
+    return {}
+
+
 def quantization_kwargs(section: ModelSection) -> dict[str, Any]:
     """from_pretrained arguments for QLoRA base weights (4-bit NF4 or 8-bit, bitsandbytes), or {}.
 
     Raises ModelError without a CUDA GPU, before any weight is read."""
-    if not (section.load_in_4bit or section.load_in_8bit):
+    settings = quantization_settings(section)
+    if not settings:
         return {}
     if not torch.cuda.is_available():
         bits = 4 if section.load_in_4bit else 8
@@ -75,15 +91,9 @@ def quantization_kwargs(section: ModelSection) -> dict[str, Any]:
     from accelerate import PartialState
     from transformers import BitsAndBytesConfig
 
-    if section.load_in_4bit:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[section.dtype],
-        )
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+    if "bnb_4bit_compute_dtype" in settings:
+        settings["bnb_4bit_compute_dtype"] = DTYPES[settings["bnb_4bit_compute_dtype"]]
+    config = BitsAndBytesConfig(**settings)
     # quantized weights are placed at load time: each process on its own GPU
     return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
@@ -107,13 +117,46 @@ def load_merged(adapter_dir: str | Path, auto_class: Any, **kwargs: Any) -> nn.M
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
     base = auto_class.from_pretrained(_local(config.base_model_name_or_path), **kwargs)
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():  # tokens added while training the adapter
+        from transformers import AutoTokenizer
+
+        fit_vocabulary(base, AutoTokenizer.from_pretrained(str(adapter_dir)))
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def load_causal_lm(section: ModelSection) -> nn.Module:
-    """A causal LM ready for training: dtype, 4-/8-bit base weights, gradient checkpointing and LoRA from
-    the recipe. A LoRA output directory loads as its base model with the adapter merged (a LoRA SFT
-    model is then the start, and under LoRA the reference, of the next stage)."""
+def fit_vocabulary(model: nn.Module, tokenizer: Any) -> None:
+    """Grow the embeddings (and an untied LM head) to a tokenizer that gained tokens (the built-in chat
+    template's markers, ``settle_chat_template``). The new rows start at the mean of the existing ones,
+    without noise, so a policy and its reference built from the same files start identical."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for layer in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+            layer.weight[rows:] = layer.weight[:rows].mean(0)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[rows:] = layer.bias[:rows].mean()
+    log.info("vocabulary grown from %d to %d tokens (chat template markers)", rows, len(tokenizer))
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere, also where a model applies it functionally from a float attribute
+    (Llama's ``attention_dropout``) and in LoRA's ``lora_dropout``: a preference or RL objective compares
+    log-probs of one policy, which train-mode dropout would turn into two."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def load_causal_lm(section: ModelSection, tokenizer: Any = None) -> nn.Module:
+    """A causal LM ready for training: dtype, 4-/8-bit base weights, gradient checkpointing, LoRA and
+    dropout from the recipe, its vocabulary grown to ``tokenizer`` when that gained tokens. A LoRA output
+    directory loads as its base model with the adapter merged (a LoRA SFT model is then the start, and
+    under LoRA the reference, of the next stage)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(section) | {"dtype": DTYPES[section.dtype], "use_safetensors": True}
@@ -130,10 +173,18 @@ def load_causal_lm(section: ModelSection) -> nn.Module:
             f"model {section.name_or_path!r}: could not load: {exc}{_pickle_hint(section)}"
         ) from exc
     model.config.use_cache = False  # training never reuses past keys; generation turns it back on
-    return _prepare_for_training(model, section)
+    return _prepare_for_training(model, section, tokenizer=tokenizer)
 
 
-def _prepare_for_training(model: nn.Module, section: ModelSection, task_type: str = "CAUSAL_LM") -> nn.Module:
+def _prepare_for_training(
+    model: nn.Module, section: ModelSection, task_type: str = "CAUSAL_LM", tokenizer: Any = None
+) -> nn.Module:
+    new_tokens: list[int] = []
+    if tokenizer is not None:
+        from align_cli.data.templates import builtin_chat_token_ids
+
+        fit_vocabulary(model, tokenizer)
+        new_tokens = builtin_chat_token_ids(tokenizer)
     if section.load_in_4bit or section.load_in_8bit:
         from peft import prepare_model_for_kbit_training
 
@@ -142,7 +193,9 @@ def _prepare_for_training(model: nn.Module, section: ModelSection, task_type: st
     if section.gradient_checkpointing:
         enable_checkpointing(model)
     if section.lora.enabled:
-        model = apply_lora(model, section.lora, task_type=task_type)
+        model = apply_lora(model, section.lora, task_type=task_type, trainable_tokens=new_tokens)
+    if section.disable_dropout:
+        disable_dropout(model)
     return model
 
 
@@ -155,15 +208,31 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def apply_lora(model: nn.Module, lora: LoraSection, task_type: str = "CAUSAL_LM") -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    lora: LoraSection,
+    task_type: str = "CAUSAL_LM",
+    trainable_tokens: list[int] | None = None,
+) -> nn.Module:
+    """LoRA adapters; the embedding rows of ``trainable_tokens`` (new chat markers) are trained too, in
+    the input embeddings and, when not tied to them, the LM head (peft's trainable tokens)."""
     from peft import LoraConfig, get_peft_model
 
+    token_rows = None
+    if trainable_tokens:
+        names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+        layers = [model.get_input_embeddings()]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not layers[0].weight:
+            layers.append(output)
+        token_rows = {names[layer]: list(trainable_tokens) for layer in layers}
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=task_type,
+        trainable_token_indices=token_rows,
     )
     model = get_peft_model(model, config)
     if getattr(model, "is_gradient_checkpointing", False):
@@ -178,9 +247,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> None:
-    """Write a from_pretrained-loadable model (safetensors) and its tokenizer."""
+    """Write a from_pretrained-loadable model (safetensors) and its tokenizer (with its chat template). A
+    causal LM's generation config stops at every stop token of the tokenizer (EOS and a chat template's
+    end-of-turn), so plain ``generate`` and ``pipeline`` end a chat turn where align's sampler does."""
+    from align_cli.generation import stop_token_ids
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    generation_config = getattr(model, "generation_config", None)
+    stops = stop_token_ids(tokenizer)
+    if generation_config is not None and len(stops) > 1:
+        generation_config.eos_token_id = stops
+        generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
@@ -194,8 +272,11 @@ def sequence_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows[:, None].expand_as(batch["input_ids"])
 
 
-def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) for every supervised token of the batch, and the sequence each belongs to.
+def response_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(token) for every supervised token of the batch, and the sequence each belongs to; with
+    ``temperature`` T, under pi_T = softmax(logits / T), the distribution a sampler at T draws from.
 
     Only the positions whose next token is supervised go through the LM head (transformers'
     boolean ``logits_to_keep``), so prompt and padding positions never produce vocabulary-sized
@@ -203,16 +284,18 @@ def response_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     (align_cli/logprobs.py). A batch with length buckets (``batch["buckets"]``, from
     ``length_buckets``) runs one forward pass per bucket, with the same result as one padded pass.
     Returns (logps [N], sequence index [N]), N = number of supervised tokens, in row-major order."""
-    (logps,) = per_token_by_bucket(lambda sub: (_one_pass_logprobs(model, sub),), batch, batch.get("buckets"))
+    (logps,) = per_token_by_bucket(
+        lambda sub: (_one_pass_logprobs(model, sub, temperature),), batch, batch.get("buckets")
+    )
     return logps, sequence_index(batch)[:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
 
 
-def _one_pass_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _one_pass_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets_mask
-    with head_logprobs(model, labels[:, 1:][targets_mask]) as result:
+    with head_logprobs(model, labels[:, 1:][targets_mask], temperature=temperature) as result:
         model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
@@ -257,7 +340,9 @@ def per_token_by_bucket(
 # ----------------------------------------------------------------------------- reward models
 
 
-def load_reward_model(section: ModelSection, pad_token_id: int, head_init: str = "normal") -> nn.Module:
+def load_reward_model(
+    section: ModelSection, pad_token_id: int, head_init: str = "normal", tokenizer: Any = None
+) -> nn.Module:
     """A reward model: the language model with its LM head replaced by a scalar head (InstructGPT,
     Llama 2), as ``AutoModelForSequenceClassification`` with one label, so ``from_pretrained`` loads it
     back with its head. A head missing from the checkpoint is initialised by ``head_init``: "normal"
@@ -301,7 +386,7 @@ def load_reward_model(section: ModelSection, pad_token_id: int, head_init: str =
                 head.bias.zero_()
         log.info("reward model: new scalar head (%s init) on %s", head_init, section.name_or_path)
     # under LoRA, SEQ_CLS keeps the score head fully trainable (peft modules_to_save)
-    return _prepare_for_training(model, section, task_type="SEQ_CLS")
+    return _prepare_for_training(model, section, task_type="SEQ_CLS", tokenizer=tokenizer)
 
 
 def score_head(model: nn.Module) -> nn.Module:

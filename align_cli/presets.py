@@ -86,7 +86,9 @@ def default_corpus() -> list[str]:
     return [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, markers, *docs]
 
 
-def _train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
+def _train_bpe(
+    corpus: list[str], vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS
+) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     # No normalizer: byte-level BPE over raw UTF-8 bytes, so every string round-trips exactly.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -94,7 +96,7 @@ def _train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -103,12 +105,12 @@ def _train_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
 
 
 @lru_cache(maxsize=8)
-def _trained_json(corpus: tuple[str, ...], vocab_size: int) -> str:
-    return _train_bpe(list(corpus), vocab_size).to_str()
+def _trained_json(corpus: tuple[str, ...], vocab_size: int, special_tokens: tuple[str, ...]) -> str:
+    return _train_bpe(list(corpus), vocab_size, special_tokens).to_str()
 
 
 def build_tokenizer(
-    corpus: list[str], vocab_size: int, *, model_max_length: int = 1024
+    corpus: list[str], vocab_size: int, *, model_max_length: int = 1024, chat: bool = True
 ) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE tokenizer on ``corpus`` (no download).
 
@@ -117,16 +119,18 @@ def build_tokenizer(
     ``<|system|>``, ``<|end|>`` (3-6), each a single id. Encoding never adds special tokens, whatever
     ``add_special_tokens`` says: callers add BOS/EOS themselves. ``chat_template`` is ``CHAT_TEMPLATE``;
     padding is on the right. ``len(tokenizer)`` may be below ``vocab_size`` on a small corpus.
+    ``chat=False`` gives a base model's tokenizer: pad/BOS/EOS only, no chat markers, no chat template.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
-    backend = Tokenizer.from_str(_trained_json(tuple(corpus), vocab_size))
+    specials = SPECIAL_TOKENS if chat else SPECIAL_TOKENS[:3]
+    backend = Tokenizer.from_str(_trained_json(tuple(corpus), vocab_size, specials))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens=list(CHAT_MARKERS),
+        extra_special_tokens=list(specials[3:]),
         add_bos_token=False,
         add_eos_token=False,
         model_max_length=model_max_length,
@@ -134,7 +138,8 @@ def build_tokenizer(
         truncation_side="right",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -144,13 +149,15 @@ def init_model(
     seed: int = 0,
     corpus: list[str] | None = None,
     vocab_size: int | None = None,
+    chat: bool = True,
 ) -> Path:
     """Save a randomly initialised ``LlamaForCausalLM`` of ``preset`` and its tokenizer to ``out_dir``.
 
     The tokenizer is trained on ``corpus`` (default: ``default_corpus()``) with ``vocab_size`` (default: the
     preset's). The config's vocabulary is the tokenizer's real size; bos/eos/pad ids are set in the config
     and generation config. Weights depend only on ``preset``, ``seed`` and the vocabulary size: the same
-    arguments give bit-identical safetensors. The global torch RNG state is left untouched.
+    arguments give bit-identical safetensors. The global torch RNG state is left untouched. ``chat=False``:
+    a base model, whose tokenizer has no chat template and no chat markers (``build_tokenizer``).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -160,6 +167,7 @@ def init_model(
         default_corpus() if corpus is None else corpus,
         vocab_size or kwargs["vocab_size"],
         model_max_length=kwargs["max_position_embeddings"],
+        chat=chat,
     )
     ids = {
         "bos_token_id": tokenizer.bos_token_id,

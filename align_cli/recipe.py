@@ -48,6 +48,11 @@ class ModelSection:
     # through bitsandbytes; needs a CUDA GPU and model.lora.enabled (quantized weights are not trained)
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    # dropout off in every model of the run (LoRA dropout included), as TRL and the DPO reference code do
+    # for preference and RL training: with dropout on, the policy that is scored differs from the one
+    # that sampled (PPO ratios != 1 at identical weights, DPO's first loss != log 2). false keeps the
+    # model's own dropout (e.g. as regularisation in SFT)
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -61,6 +66,10 @@ class DataSection:
     )
     # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
     template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
+    # the chat template: a Jinja file or a Jinja string; overrides the tokenizer's own. Without either, the
+    # built-in template (<|role|>...<|end|>) is used, its markers registered as special tokens (new
+    # embedding rows, trained) and <|end|> made a stop token. The template used is saved in final/.
+    chat_template: str | None = None
     max_length: int = 512
     max_prompt_length: int | None = None
     # too long: keep what fits ("truncate") or drop the example ("drop"); both are counted
@@ -422,6 +431,13 @@ def _check_values(r: Recipe) -> list[str]:
             "model.load_in_4bit/load_in_8bit: quantized base weights cannot be trained; set "
             "model.lora.enabled=true (QLoRA)"
         )
+    if r.stage == "ppo" and (r.ppo.top_p < 1.0 or r.ppo.top_k > 0):
+        errors.append(
+            f"ppo.top_p={r.ppo.top_p}, ppo.top_k={r.ppo.top_k}: PPO's ratios and KL are computed on the full "
+            "distribution at ppo.temperature, so rollouts must be sampled from it; use top_p 1.0 and top_k 0"
+        )
+    if r.stage == "ppo" and r.ppo.temperature <= 0:
+        errors.append(f"ppo.temperature: must be > 0 (PPO samples from the policy), got {r.ppo.temperature}")
     if r.dpo.beta is not None and r.dpo.beta <= 0:
         errors.append(f"dpo.beta: must be > 0, got {r.dpo.beta}")
     if r.dpo.label_smoothing is not None and not 0.0 <= r.dpo.label_smoothing < 0.5:

@@ -6,8 +6,10 @@ under ``$ALIGN_CACHE_DIR`` (default ``<runs root>/.align_cache``) in ``reference
 
 The key is a SHA-256 of:
 - the reference model's identity: SHA-256 of the *bytes* of its config.json and weight files (a
-  memo keyed by path + size + mtime avoids re-hashing an unchanged file on every run), its dtype and
-  attention implementation, and the training precision (autocast changes the numbers);
+  memo keyed by path + size + mtime avoids re-hashing an unchanged file on every run), for a LoRA
+  adapter directory also those of its base model (adapter_config.json's base_model_name_or_path), its
+  dtype, quantization (4-/8-bit bitsandbytes settings) and attention implementation, and the training
+  precision (autocast changes the numbers);
 - the tokenized examples (prompt and response token ids: data, tokenizer and template all show here);
 - the template and max lengths, named explicitly.
 
@@ -30,7 +32,8 @@ from typing import Any
 import torch
 
 from align_cli.data.preference import collate_responses
-from align_cli.models import response_logprobs
+from align_cli.data.tokenize import IGNORE_INDEX
+from align_cli.models import response_logprobs, sequence_index
 from align_cli.runs import runs_root
 
 log = logging.getLogger("align")
@@ -50,6 +53,14 @@ def summed_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     logps, seq = response_logprobs(model, batch)
     rows = batch["input_ids"].shape[0]
     return torch.zeros(rows, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
+
+
+def response_lengths(batch: dict[str, Any]) -> torch.Tensor:
+    """The number of supervised (response) tokens of each row: [R], the tokens ``summed_logps`` sums
+    over (IPO divides by it, for the policy's and the cached or live reference's sums alike)."""
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    seq = sequence_index(batch)[:, 1:][keep]
+    return torch.bincount(seq, minlength=batch["input_ids"].shape[0])
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -106,15 +117,28 @@ def _model_dir(name_or_path: str) -> Path:
     return Path(cached_file(name_or_path, "config.json")).parent
 
 
-def model_identity(name_or_path: str) -> dict[str, str]:
-    """{file name: SHA-256} for the config and weight files of a model directory (or hub snapshot)."""
+def model_identity(name_or_path: str, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
+    """{file name: SHA-256} for the config and weight files of a model directory (or hub snapshot).
+
+    A peft adapter directory (adapter_config.json) is loaded on top of its base model, so its identity
+    also holds ``"base_model"``: the identity of ``base_model_name_or_path``, resolved as the loader does
+    (a local directory, relative to the working directory, else a hub id)."""
     root = _model_dir(name_or_path)
     files = sorted(
         p for p in root.iterdir() if p.is_file() and (p.name in _MODEL_FILES or p.suffix in _WEIGHT_SUFFIXES)
     )
     if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
         raise FileNotFoundError(f"{root}: no weight files to identify the reference model by")
-    return {p.name: file_digest(p) for p in files}
+    identity: dict[str, Any] = {p.name: file_digest(p) for p in files}
+    adapter_config = root / "adapter_config.json"
+    if adapter_config.is_file():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_config}: no base_model_name_or_path to identify the base model by")
+        if root.resolve() in _seen:
+            raise ValueError(f"{adapter_config}: the base model chain loops back to {root}")
+        identity["base_model"] = model_identity(base, _seen | {root.resolve()})
+    return identity
 
 
 def examples_digest(examples: list[dict[str, Any]]) -> str:
@@ -128,6 +152,13 @@ def examples_digest(examples: list[dict[str, Any]]) -> str:
 
 def cache_key(material: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def reference_key(material: dict[str, Any], examples: list[dict[str, Any]]) -> str:
+    """The cache key of the reference log-probs of ``examples``: ``material`` (everything else they
+    depend on: the reference's identity, dtype, quantization, precision, template, max lengths) plus the
+    examples' token ids and the cache version."""
+    return cache_key({"version": CACHE_VERSION, **material, "examples": examples_digest(examples)})
 
 
 # ----------------------------------------------------------------------------- computing and caching
@@ -192,7 +223,7 @@ def attach_reference_logps(
     """Set ``example["ref_logps"]`` (one float per response) from the cache, or from ``compute()``
     (then stored). ``material`` is everything the numbers depend on except the examples, which are
     hashed here. Returns {"key", "hit", "path"} for the run's log and summary."""
-    key = cache_key({"version": CACHE_VERSION, **material, "examples": examples_digest(examples)})
+    key = reference_key(material, examples)
     logps = load_entry(key, examples)
     hit = logps is not None
     if logps is None:

@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ from align_cli.engine.session import split_holdout
 from align_cli.recipe import DPOSection, RecipeError
 from align_cli.reference_cache import compute_logps
 from align_cli.runs import record_output
-from align_cli.stages.dpo import preference_loss, run_dpo
+from align_cli.stages.dpo import live_reference, make_collate, make_compute_loss, preference_loss, run_dpo
 from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe, metric_rows, quiet_console, step_losses, weights, write_jsonl
@@ -243,6 +245,41 @@ def test_resume_is_exact_and_reuses_the_cache(tiny_model: Path, tmp_path: Path, 
     a, b = weights(straight / "final"), weights(resumed / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_ipo_uses_per_token_logps_with_cached_or_live_reference(tiny_model: Path):
+    """IPO divides each response's summed log-probs, policy and reference, by its number of tokens; the
+    cached reference log-probs (sums, in the batch) and a live reference get the same normalisation."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples, _ = tokenize_preferences(load_records(str(PREFS)), tok, "auto", 512)
+    examples = examples[:6]
+    assert len({len(r) for e in examples for r in e["responses"]}) > 1  # lengths differ: sums != means
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy a little away from the reference, so h != 0
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    pad = tok.pad_token_id
+    ref, pol = compute_logps(reference, examples, pad, 16), compute_logps(policy, examples, pad, 16)
+    beta = 0.1
+    by_hand = 0.0
+    for e, p, r in zip(examples, pol, ref):
+        n_w, n_l = len(e["responses"][0]), len(e["responses"][1])
+        h = (p[0] - r[0]) / n_w - (p[1] - r[1]) / n_l
+        by_hand += (h - 1 / (2 * beta)) ** 2
+    summed_h = [(p[0] - r[0]) - (p[1] - r[1]) for p, r in zip(pol, ref)]
+    assert by_hand != pytest.approx(sum((h - 1 / (2 * beta)) ** 2 for h in summed_h), rel=1e-3)
+
+    cfg = DPOSection(beta=beta, loss_type="ipo")
+    for e, values in zip(examples, ref):
+        e["ref_logps"] = values
+    batch = make_collate(pad)(examples)
+    cached, _ = make_compute_loss(cfg)(policy, batch)
+    live_ref = live_reference(SimpleNamespace(autocast=nullcontext), reference)
+    live, _ = make_compute_loss(cfg, live_ref)(policy, {k: v for k, v in batch.items() if k != "ref_logps"})
+    assert cached.item() == pytest.approx(by_hand, rel=1e-5)
+    assert live.item() == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_preference_loss_on_a_mixed_batch_by_hand():

@@ -65,3 +65,33 @@ def test_responses_stop_at_the_stop_token(tiny_model: Path):
             assert s.response_ids[-1] in stops and not any(t in stops for t in s.response_ids[:-1])
         else:
             assert len(s.response_ids) == 40 and not any(t in stops for t in s.response_ids)
+
+
+def test_samples_ignore_the_checkpoints_generation_config(tiny_model: Path):
+    """Issue 14 item 2: a checkpoint's generation_config (repetition penalty, n-gram bans, min length, bad
+    words) must not change the distribution samples come from: the log-probs PPO and eval compute are
+    those of the plain policy."""
+    from transformers import GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    shaped = AutoModelForCausalLM.from_pretrained(tiny_model)
+    shaped.generation_config = GenerationConfig(
+        repetition_penalty=5.0,
+        no_repeat_ngram_size=1,
+        min_new_tokens=20,
+        bad_words_ids=[[tok.convert_tokens_to_ids("<|end|>")]],
+        suppress_tokens=list(range(10, 200)),
+        temperature=0.3,
+        top_k=5,
+        do_sample=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    before = shaped.generation_config.to_dict()
+    params = SamplingParams(n=4, max_new_tokens=20, temperature=1.0, seed=3)
+    a = sample(plain, tok, prompts(tok, TEXTS), params)
+    b = sample(shaped, tok, prompts(tok, TEXTS), params)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    assert shaped.generation_config.to_dict() == before  # the model's own config is left as it was

@@ -203,12 +203,41 @@ def test_conservative_dpo_label_smoothing():
     assert_close(losses, expected)
 
 
+# response lengths (supervised tokens) of the chosen and rejected responses of the two pairs above
+LC = [2.0, 4.0]
+LR = [4.0, 5.0]
+
+
 def test_ipo():
-    losses, chosen, rejected = _dpo(loss_type="ipo")
-    # (h - 1/(2 beta))^2, 1/(2 * 0.1) = 5: (3 - 5)^2 = 4, (-3 - 5)^2 = 64
-    assert_close(losses, [4.0, 64.0])
-    assert_close(chosen, [0.1, -0.1])
-    assert_close(rejected, [-0.2, 0.2])
+    """IPO on per-token mean log-probs: every log-prob (policy and reference) divided by its length."""
+    losses, chosen, rejected = _dpo(loss_type="ipo", chosen_lengths=T(LC), rejected_lengths=T(LR))
+    # pair 1: chosen (-10/2) - (-11/2) = 0.5, rejected (-12/4) - (-10/4) = -0.5, h = 1
+    # pair 2: chosen (-20/4) - (-19/4) = -0.25, rejected (-18/5) - (-20/5) = 0.4, h = -0.65
+    # (h - 1/(2 beta))^2, 1/(2 * 0.1) = 5: (1 - 5)^2 = 16, (-0.65 - 5)^2 = 31.9225
+    assert_close(losses, [16.0, 31.9225])
+    assert_close(chosen, [0.1 * 0.5, 0.1 * -0.25])  # implicit rewards on the same per-token log-ratios
+    assert_close(rejected, [0.1 * -0.5, 0.1 * 0.4])
+    # reference-free: h = pc/lc - pr/lr = (-5 + 3, -5 + 3.6) = (-2, -1.4)
+    losses, _, _ = _dpo(loss_type="ipo", chosen_lengths=T(LC), rejected_lengths=T(LR), reference_free=True)
+    assert_close(losses, [(-2.0 - 5.0) ** 2, (-1.4 - 5.0) ** 2])
+
+
+def test_ipo_is_length_normalised_and_sigmoid_is_not():
+    """Twice the response length at the same per-token log-probs: the summed log-probs double. IPO (per-token
+    means) is unchanged; sigmoid DPO (sums) sees twice the log-ratio."""
+    lengths = dict(chosen_lengths=T(LC), rejected_lengths=T(LR))
+    doubled = dict(chosen_lengths=2 * T(LC), rejected_lengths=2 * T(LR))
+    ipo, _, _ = dpo_loss(T(PC), T(PR), T(RC), T(RR), BETA, "ipo", **lengths)
+    ipo2, _, _ = dpo_loss(2 * T(PC), 2 * T(PR), 2 * T(RC), 2 * T(RR), BETA, "ipo", **doubled)
+    assert_close(ipo2, ipo)
+    sigmoid, _, _ = dpo_loss(T(PC), T(PR), T(RC), T(RR), BETA, "sigmoid", **lengths)
+    sigmoid2, _, _ = dpo_loss(2 * T(PC), 2 * T(PR), 2 * T(RC), 2 * T(RR), BETA, "sigmoid", **doubled)
+    assert_close(sigmoid, [neg_log_sigmoid(0.3), neg_log_sigmoid(-0.3)])  # h = 3, -3: sums, lengths unused
+    assert_close(sigmoid2, [neg_log_sigmoid(0.6), neg_log_sigmoid(-0.6)])
+    hinge, _, _ = dpo_loss(T(PC), T(PR), T(RC), T(RR), BETA, "hinge", **lengths)
+    assert_close(hinge, [0.7, 1.3])  # sums too
+    with pytest.raises(ValueError, match="ipo.*lengths"):
+        _dpo(loss_type="ipo")  # without lengths IPO cannot be computed
 
 
 def test_hinge():

@@ -10,7 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from align_cli.cli import app
-from align_cli.stages.rejection_sampling import best_of_n_kl, best_of_n_table, select
+from align_cli.stages.rejection_sampling import (
+    best_of_n_kl,
+    best_of_n_table,
+    best_of_n_weights,
+    expected_best_of_n,
+    select,
+)
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import load_example_module, quiet_console
 
@@ -50,13 +56,67 @@ def test_analytic_kl_and_table_by_hand():
     assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
     table = best_of_n_table([[1.0, 3.0, 2.0, 0.0], [0.0, -1.0, 5.0, 4.0]])
     assert [r["n"] for r in table] == [1, 2, 4]
-    assert table[0]["reward_best_of_n"] == 0.5  # first samples: 1 and 0
-    assert table[1]["reward_best_of_n"] == 1.5  # best of first two: 3 and 0
-    assert table[2]["reward_best_of_n"] == 4.0  # best of all four: 3 and 5
-    assert table[2]["reward_mean_of_n"] == pytest.approx((1.5 + 2.0) / 2)
+    # unbiased over all 4 samples: sorted 0 1 2 3 and -1 0 4 5; best of 2 weights 0, 1/6, 2/6, 3/6
+    assert table[0]["reward_best_of_n"] == pytest.approx((1.5 + 2.0) / 2)  # best of 1 = the mean
+    assert table[1]["reward_best_of_n"] == pytest.approx((14 / 6 + 23 / 6) / 2)  # (1+4+9)/6, (0+8+15)/6
+    assert table[2]["reward_best_of_n"] == pytest.approx(4.0)  # best of all four: 3 and 5
+    for row in table:
+        assert row["reward_mean_of_n"] == pytest.approx((1.5 + 2.0) / 2)  # the mean of all N
+        assert row["reward_sample_1"] == pytest.approx((1.5 + 2.0) / 2)  # E[one sample] = the mean too
+        assert row["gain_per_prompt"] == pytest.approx(row["reward_best_of_n"] - 1.75)
     assert select([1.0, 3.0, 2.0], "best", 1, None) == [1]
     assert select([1.0, 3.0, 2.0], "top_k", 2, None) == [1, 2]
     assert select([1.0, 3.0, 2.0], "threshold", 1, 1.5) == [1, 2]
+
+
+def test_expected_best_of_n_by_hand():
+    """E[max of n of the N rewards, drawn without replacement] = sum_{i=n..N} C(i-1, n-1)/C(N, n) r_(i)."""
+    rewards = [3.0, 1.0, 4.0, 2.0]  # sorted: 1 2 3 4
+    assert expected_best_of_n(rewards, 2) == pytest.approx((1 * 2 + 2 * 3 + 3 * 4) / 6)  # 20/6
+    assert expected_best_of_n(rewards, 1) == pytest.approx(2.5)  # the mean
+    assert expected_best_of_n(rewards, 3) == pytest.approx((1 * 3 + 3 * 4) / 4)  # C(2,2)/4, C(3,2)/4
+    assert expected_best_of_n(rewards, 4) == pytest.approx(4.0)  # the max
+    assert best_of_n_weights(4, 2) == pytest.approx([0.0, 1 / 6, 2 / 6, 3 / 6])
+    assert sum(best_of_n_weights(64, 16)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n=5"):
+        expected_best_of_n(rewards, 5)
+
+
+def test_best_of_n_table_uses_all_samples_not_the_first_n():
+    """The first samples are not representative here: the best one comes first. An estimate from the
+    first n samples says best of 1 = best of 2 = 10; the unbiased one over all 4 says 2.5 and 5."""
+    table = {r["n"]: r for r in best_of_n_table([[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 10.0]])}
+    assert table[1]["reward_best_of_n"] == pytest.approx(2.5)
+    assert table[2]["reward_best_of_n"] == pytest.approx(5.0)  # sorted 0 0 0 10: 3/6 * 10 for both prompts
+    assert table[4]["reward_best_of_n"] == pytest.approx(10.0)
+    assert table[2]["reward_mean_of_n"] == pytest.approx(2.5)
+    assert table[1]["reward_sample_1"] == pytest.approx(2.5)
+
+
+def test_frontier_best_of_n_weights_the_rm_sorted_pool():
+    """Evaluator.best_of_n: the ground-truth reward, RM score and empirical-CDF KL of the RM-selected best
+    of n, averaged with the best-of-n weights over the whole pool sorted by RM score (no models: the
+    sampler and scorers are replaced by fixed numbers)."""
+    from align_cli.evaluate import Evaluator
+    from align_cli.generation import Sample
+
+    ev = Evaluator.__new__(Evaluator)
+    ev.prompts, ev.scorer, ev.reference, ev.seed = ["p"], object(), None, 0
+    samples = [Sample(0, k, [1], [2], True) for k in range(4)]
+    rm, gt = [0.3, 0.1, 0.4, 0.2], [1.0, 5.0, 2.0, 7.0]
+    ev._draw = lambda model, n, seed: (samples, ["t"] * 4)
+    ev._score = lambda s, texts: {"rm_score": rm, "reward": gt}
+    one, two = ev.best_of_n([1, 2], pool_factor=2)
+    # n = 1: the plain means, KL 0
+    assert one["rm_score"] == pytest.approx(0.25) and one["reward"] == pytest.approx(3.75)
+    assert one["kl"] == pytest.approx(0.0)
+    # n = 2: by RM score the samples sort as 1, 3, 0, 2 (gt 5, 7, 1, 2) with weights 0, 1/6, 2/6, 3/6
+    assert two["rm_score"] == pytest.approx((0.2 * 1 + 0.3 * 2 + 0.4 * 3) / 6)
+    assert two["reward"] == pytest.approx((7.0 * 1 + 1.0 * 2 + 2.0 * 3) / 6)
+    kl = math.log(2) + (math.log(1.5 / 4) * 1 + math.log(2.5 / 4) * 2 + math.log(3.5 / 4) * 3) / 6
+    assert two["kl"] == pytest.approx(kl)
+    assert two["kl_analytic"] == pytest.approx(math.log(2) - 0.5)
+    assert set(two) == {"n", "kl", "kl_analytic", "rm_score", "reward"}
 
 
 def test_best_of_n_selects_higher_reward_and_more_samples_help(review_models, tmp_path: Path, runs_dir: Path):

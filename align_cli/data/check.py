@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align_cli.data.formats import SFT_KINDS, Record, load_records
-from align_cli.data.templates import render_prompt
+from align_cli.data.templates import needs_chat, render_prompt, settle_chat_template
 from align_cli.data.tokenize import tokenize_sft
 from align_cli.recipe import Recipe
 
@@ -52,6 +52,7 @@ def check_file(source: str, recipe: Recipe, console: Console) -> None:
     from align_cli.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
+    settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))  # as training does
     table = Table(title=f"token lengths (max_length {d.max_length})")
     for column in ("p0", "p50", "p90", "p95", "p99", "p100", "over max", "would be dropped"):
         table.add_column(column, justify="right")

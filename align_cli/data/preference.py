@@ -64,6 +64,15 @@ def ranked_responses(record: Record) -> tuple[Any, list[Any]]:
     return f["prompt"], responses
 
 
+def response_template(prompt: Any, template: str) -> str:
+    """The template a record's prompt and responses render with, decided per record: with data.template
+    auto, chat when the prompt is a list of messages, else plain. Reward training and every scorer
+    (``scoring.scored_row``) decide it here, so a sample is scored as the reward model's records were."""
+    if template == "auto":
+        return "chat" if isinstance(prompt, list) else "plain"
+    return template
+
+
 def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> list[int]:
     """Token ids of a response: a string, or chat messages that continue a chat prompt."""
     if isinstance(response, list):
@@ -81,8 +90,7 @@ def chosen_segments(record: Record, template: str, tokenizer: Any) -> list[Segme
     """Preferred-FT (the DPO paper's baseline): a preference or ranked record as an SFT example, the
     prompt (not trained) followed by the chosen / best response, with the same template as DPO."""
     prompt, responses = ranked_responses(record)
-    if template == "auto":
-        template = "chat" if isinstance(prompt, list) else "plain"
+    template = response_template(prompt, template)
     prompt_text = render_prompt(prompt, template, tokenizer)
     best = responses[0]
     if isinstance(best, list):  # chat messages continuing the prompt: the text after the generation prompt
@@ -100,8 +108,7 @@ def encode_preference(
 ) -> tuple[dict[str, Any] | None, str | None, bool]:
     """One record -> ({prompt_ids, responses, margin, rating, length, where}, drop reason, truncated)."""
     prompt, responses = ranked_responses(record)
-    if template == "auto":
-        template = "chat" if isinstance(prompt, list) else "plain"
+    template = response_template(prompt, template)
     prompt_text = render_prompt(prompt, template, tokenizer)
     prompt_ids, _ = encode_segments([(prompt_text, False)], tokenizer)
     cap = max_prompt_length or max_length // 2

@@ -7,6 +7,8 @@ searching the token stream. A segment is either text (tokenized later) or litera
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 # Stanford Alpaca templates, verbatim: the response follows directly after the last "\n".
@@ -20,11 +22,17 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-# Used when a tokenizer ships no chat template of its own.
-FALLBACK_CHAT_TEMPLATE = (
+# The built-in chat template, for tokenizers that ship none (base models) when the recipe names none
+# (data.chat_template). A training stage registers its markers as special tokens (settle_chat_template),
+# so <|end|> is one token: supervised at the end of every assistant turn, a stop token for sampling, and
+# generation_config's EOS in every saved model. BOS comes first, as in training, so plain transformers
+# (pipeline, apply_chat_template) feed the model what it was trained on.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+BUILTIN_CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 Segment = tuple[str | list[int], bool]  # (text or token ids, trainable)
 
@@ -43,10 +51,59 @@ def default_template(kind: str) -> str:
     return {"alpaca": "alpaca", "messages": "chat", "text": "plain"}.get(kind, "plain")
 
 
+def load_chat_template(value: str) -> str:
+    """``data.chat_template``: the path of a Jinja file, or the Jinja text itself."""
+    if "{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise TemplateError(f"data.chat_template: {value!r} is neither a file nor a Jinja template string")
+    return path.read_text(encoding="utf-8")
+
+
+def needs_chat(template: str, items: Iterable[Any]) -> bool:
+    """Whether rendering goes through a chat template: data.template chat, or any record (a ``Record``'s
+    fields) or prompt (a ``Prompt``'s ``prompt``) holding a list of messages."""
+    if template == "chat":
+        return True
+    for item in items:
+        fields = getattr(item, "fields", None)
+        values = fields.values() if isinstance(fields, dict) else [getattr(item, "prompt", item)]
+        if any(isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v) for v in values):
+            return True
+    return False
+
+
+def settle_chat_template(tokenizer: Any, chat_template: str | None, needs_chat: bool) -> list[int]:
+    """Fix, on the tokenizer itself (so every saved model carries it), the template chats render with:
+    ``chat_template`` (data.chat_template: a Jinja file or string) when given; else the tokenizer's own;
+    else, when the data has chats (``needs_chat``), the built-in template, with its markers registered as
+    special tokens. Returns the ids of tokens added to the vocabulary (``models.fit_vocabulary`` grows
+    the embeddings to match)."""
+    if chat_template:
+        tokenizer.chat_template = load_chat_template(chat_template)
+        return []
+    if tokenizer.chat_template or not needs_chat:
+        return []
+    before = len(tokenizer)
+    tokenizer.add_tokens(list(BUILTIN_CHAT_MARKERS), special_tokens=True)
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+    return list(range(before, len(tokenizer)))
+
+
+def builtin_chat_token_ids(tokenizer: Any) -> list[int]:
+    """The built-in template's marker ids when the tokenizer renders with it (their embedding rows are
+    trained under LoRA too), else []."""
+    if tokenizer.chat_template != BUILTIN_CHAT_TEMPLATE:
+        return []
+    ids = [tokenizer.convert_tokens_to_ids(marker) for marker in BUILTIN_CHAT_MARKERS]
+    return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+
+
 def _chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
     if not messages:
         return ""
-    template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    template = tokenizer.chat_template or BUILTIN_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
@@ -90,22 +147,31 @@ def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any) -> st
     return prompt
 
 
-def response_segments(response: str, template: str, tokenizer: Any) -> list[Segment]:
+def response_segments(response: str, template: str, tokenizer: Any, finished: bool = True) -> list[Segment]:
     """A response and its end marker: EOS for Alpaca/plain (so models learn to stop); for chat the
-    template's own end-of-turn text, which is rendered by the template."""
+    template's own end-of-turn text, which is rendered by the template. ``finished=False`` (a sample cut
+    at max_new_tokens) leaves the end marker out: the text is rendered as far as it went."""
     if template == "chat":
         full = _chat(
             tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": response}], False
         )
         prompt = _chat(tokenizer, [{"role": "user", "content": "x"}], True)
-        return [(full[len(prompt) :], True)]
+        rendered = full[len(prompt) :]
+        if not finished:  # what the template puts before the content, and the content: no end-of-turn
+            at = rendered.rfind(response) if response else -1
+            rendered = rendered[: at + len(response)] if at >= 0 else response
+        return [(rendered, True)]
+    if not finished:
+        return [(response, True)]
     return [(response, True), ([tokenizer.eos_token_id], True)]
 
 
 def render_sft_record(kind: str, fields: dict[str, Any], template: str, tokenizer: Any) -> list[Segment]:
-    """One SFT record -> segments; prompt segments are not trainable."""
+    """One SFT record -> segments; prompt segments are not trainable. A record with ``finished: false``
+    (a best-of-N sample cut at max_new_tokens) gets no end marker: the model is not taught to stop there."""
     if template == "auto":
         template = default_template(kind)
+    finished = fields.get("finished") is not False
     if kind == "messages":
         return render_chat(fields["messages"], tokenizer)
     if kind == "text":
@@ -119,8 +185,13 @@ def render_sft_record(kind: str, fields: dict[str, Any], template: str, tokenize
             if template == "chat":
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
                 return render_chat(messages, tokenizer)
-        return [(prompt, False), *response_segments(response, "alpaca", tokenizer)]
+        return [(prompt, False), *response_segments(response, "alpaca", tokenizer, finished)]
     if kind == "prompt_completion":
         prompt_text = render_prompt(fields["prompt"], template, tokenizer)
-        return [(prompt_text, False), *response_segments(fields["completion"], template, tokenizer)]
+        chat = template == "chat" or isinstance(fields["prompt"], list)
+        response_template = "chat" if chat else template
+        return [
+            (prompt_text, False),
+            *response_segments(fields["completion"], response_template, tokenizer, finished),
+        ]
     raise ValueError(f"record kind {kind!r} is not an SFT record")

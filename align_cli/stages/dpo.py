@@ -7,6 +7,8 @@ With log-probs summed over the response tokens and pi_ref the starting (SFT) mod
 
 and for K ranked responses (best first) one term per rank position (plackett_luce_dpo_loss), which is
 DPO for K = 2. The implicit reward beta * (log pi - log pi_ref) is logged for chosen and rejected.
+IPO divides every summed log-prob, the policy's and the (cached or live) reference's, by its response's
+number of tokens (per-token means, as TRL and torchtune do).
 
 Efficiency: all responses of a batch go through the policy in one forward pass (collate_responses).
 By default the reference log-probs are computed once before training in a no-grad pass and cached on
@@ -32,14 +34,21 @@ from rich.console import Console
 
 from align_cli.data.formats import load_records
 from align_cli.data.preference import collate_responses, encode_preference
+from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
 from align_cli.memory import print_estimate
-from align_cli.models import ModelError, load_causal_lm, load_tokenizer
+from align_cli.models import ModelError, load_causal_lm, load_tokenizer, quantization_settings
 from align_cli.recipe import DPOSection, LoraSection, Recipe, RecipeError
-from align_cli.reference_cache import attach_reference_logps, compute_logps, model_identity, summed_logps
+from align_cli.reference_cache import (
+    attach_reference_logps,
+    compute_logps,
+    model_identity,
+    response_lengths,
+    summed_logps,
+)
 from align_cli.runs import last_output, write_summary
 
 PREFERENCE_KINDS = ("preference", "ranked")
@@ -85,18 +94,24 @@ def preference_metrics(
 
 
 def preference_loss(
-    policy: torch.Tensor, reference: torch.Tensor, batch: dict[str, Any], cfg: DPOSection
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    batch: dict[str, Any],
+    cfg: DPOSection,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(summed loss, metric sums) from per-row summed log-probs [R] of the policy and the reference.
+    """(summed loss, metric sums) from per-row summed log-probs [R] of the policy and the reference, and
+    the rows' response lengths [R] (``response_lengths``; IPO divides both sums by them).
 
     Pairs use ``dpo_loss`` (every variant); a batch holding a ranking of K > 2 uses Plackett-Luce
-    (sigmoid only, checked before training), whose K = 2 rows equal sigmoid DPO."""
+    (sigmoid only, checked before training, on sums), whose K = 2 rows equal sigmoid DPO."""
     pol, mask = to_grid(policy, batch)
     ref, _ = to_grid(reference.to(policy.dtype), batch)
     if mask.shape[1] == 2 and bool(mask.all()):
+        n = to_grid(lengths.to(policy.dtype), batch)[0] if lengths is not None else None
         losses, chosen, rejected = dpo_loss(
             pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
-            cfg.reference_free,
+            cfg.reference_free, *((n[:, 0], n[:, 1]) if n is not None else ()),
         )  # fmt: skip
         rewards = torch.stack([chosen, rejected], 1)
     else:
@@ -118,7 +133,7 @@ def make_compute_loss(cfg: DPOSection, reference: Reference | None = None):
             ref = reference(model, batch)
         else:
             ref = batch["ref_logps"]
-        return preference_loss(policy, ref, batch, cfg)
+        return preference_loss(policy, ref, batch, cfg, response_lengths(batch))
 
     return compute_loss
 
@@ -162,6 +177,7 @@ def tokenize(records: list, tokenizer: Any, recipe: Recipe) -> tuple[list[dict[s
     """Preference records -> examples, counting truncations and drops (``on_too_long: drop`` drops every
     record that had to be cut)."""
     d = recipe.data
+    settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     stats, examples = DataStats(), []
     for record in records:
         stats.read += 1
@@ -219,30 +235,29 @@ def resolve_policy(recipe: Recipe, console: Console) -> None:
     console.print(f"[bold]policy and reference[/]: {found} (the last `align sft` output)")
 
 
-def load_reference(recipe: Recipe, path: str) -> torch.nn.Module:
+def load_reference(recipe: Recipe, path: str, tokenizer: Any = None) -> torch.nn.Module:
     section = replace(recipe.model, name_or_path=path, gradient_checkpointing=False, lora=LoraSection())
-    model = load_causal_lm(section)
+    model = load_causal_lm(section, tokenizer)
     model.requires_grad_(False)
     return model.eval()
 
 
-def cache_reference_logps(
-    recipe: Recipe,
-    model: torch.nn.Module,
-    accelerator: Accelerator,
-    pad_id: int,
-    sets: dict[str, list],
-    console: Console,
-) -> dict[str, Any]:
-    """Attach cached (or freshly computed, then cached) reference log-probs to every example of each
-    named set; returns {set name: {key, hit, path, seconds}}."""
-    cfg, d, ref_path = recipe.dpo, recipe.data, recipe.dpo.reference_model or recipe.model.name_or_path
+def reference_cache_material(recipe: Recipe) -> dict[str, Any]:
+    """Everything the reference log-probs depend on except the examples (reference_key adds those).
+
+    The reference is ``dpo.reference_model`` or the policy's starting weights (under LoRA: the policy
+    with its adapters disabled); either way it is loaded from that path with the recipe's dtype and
+    quantization. Its identity hashes the bytes of its config and weights, and for a LoRA adapter
+    directory also those of the base model named in adapter_config.json; ``quantization`` holds the
+    bitsandbytes settings (4-bit NF4, double quantization, compute dtype; or 8-bit), {} when none."""
+    d, ref_path = recipe.data, recipe.dpo.reference_model or recipe.model.name_or_path
     try:
         identity = model_identity(ref_path)
     except (OSError, ValueError) as exc:
         raise ModelError(f"reference model {ref_path!r}: cannot identify it for the cache: {exc}") from exc
-    material = {
+    return {
         "reference": identity,
+        "quantization": quantization_settings(recipe.model),
         "dtype": recipe.model.dtype,
         "attn_implementation": recipe.model.attn_implementation,
         "precision": recipe.training.precision,
@@ -250,6 +265,20 @@ def cache_reference_logps(
         "max_length": d.max_length,
         "max_prompt_length": d.max_prompt_length,
     }
+
+
+def cache_reference_logps(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    tokenizer: Any,
+    sets: dict[str, list],
+    console: Console,
+) -> dict[str, Any]:
+    """Attach cached (or freshly computed, then cached) reference log-probs to every example of each
+    named set; returns {set name: {key, hit, path, seconds}}."""
+    cfg, ref_path = recipe.dpo, recipe.dpo.reference_model or recipe.model.name_or_path
+    material = reference_cache_material(recipe)
     separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
     holder: dict[str, torch.nn.Module] = {}
 
@@ -257,13 +286,15 @@ def cache_reference_logps(
         size = recipe.training.micro_batch_size * 2  # no activations kept: larger batches fit
         if separate:
             if "ref" not in holder:
-                holder["ref"] = load_reference(recipe, ref_path).to(accelerator.device)
+                holder["ref"] = load_reference(recipe, ref_path, tokenizer).to(accelerator.device)
             scorer, context = holder["ref"], nullcontext()
         else:  # the policy's starting weights are the reference (under LoRA: with the adapters off)
             scorer = model.to(accelerator.device)
             context = scorer.disable_adapter() if recipe.model.lora.enabled else nullcontext()
         with context:
-            return compute_logps(scorer, examples, pad_id, size, accelerator.device, accelerator.autocast)
+            return compute_logps(
+                scorer, examples, tokenizer.pad_token_id, size, accelerator.device, accelerator.autocast
+            )
 
     infos = {}
     for name, examples in sets.items():
@@ -303,7 +334,7 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
     tokenizer = load_tokenizer(recipe.model)
     train_all, held, data_stats = prepare_dpo_data(recipe, tokenizer)  # bad data fails before any run dir
     set_seed(recipe.training.seed)  # LoRA adapters are initialised at random
-    model = load_causal_lm(recipe.model)
+    model = load_causal_lm(recipe.model, tokenizer)
     run_dir, accelerator = open_run(recipe, resume)
 
     reference: Reference | None = None
@@ -311,13 +342,12 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
     ref_info: dict[str, Any] = {"mode": "none (reference_free)" if cfg.reference_free else "cache"}
     if not cfg.reference_free and cfg.reference_cache:
         sets = {"train": train_all, "eval": held}
-        ref_info["cache"] = cache_reference_logps(
-            recipe, model, accelerator, tokenizer.pad_token_id, sets, console
-        )
+        ref_info["cache"] = cache_reference_logps(recipe, model, accelerator, tokenizer, sets, console)
     elif not cfg.reference_free:
         ref_path = cfg.reference_model or recipe.model.name_or_path
         separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
-        ref_model = None if recipe.model.lora.enabled and not separate else load_reference(recipe, ref_path)
+        shared = recipe.model.lora.enabled and not separate  # the policy's base, adapters off
+        ref_model = None if shared else load_reference(recipe, ref_path, tokenizer)
         ref_info["mode"] = (
             "live (base model, adapters disabled)" if ref_model is None else "live (second model)"
         )

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from align_cli.data.collate import length_buckets, pad_collate
 from align_cli.data.formats import SFT_KINDS, load_records
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from align_cli.engine.distributed import configure_deepspeed, for_generation, mean_across
@@ -70,7 +72,7 @@ from align_cli.models import (
     save_model,
     score_head,
 )
-from align_cli.recipe import ModelSection, Recipe, RecipeError
+from align_cli.recipe import LoraSection, ModelSection, Recipe, RecipeError
 from align_cli.runs import FINAL, last_output, peak_memory_mb, record_output, write_summary
 from align_cli.scoring import score
 
@@ -104,14 +106,25 @@ class ActorCritic(nn.Module):
         labels: torch.Tensor,
         with_values: bool = True,
         buckets: list[tuple[list[int], int]] | None = None,
+        temperature: float = 1.0,
     ) -> tuple:
-        """(log pi(a_t|s_t) [N], V(s_t) [N] or None, entropy [N]) for the N supervised tokens, row by row;
-        one pass per length bucket of rows (``length_buckets``) so short rollouts are not padded."""
+        """(log pi_T(a_t|s_t) [N], V(s_t) [N] or None, entropy of pi_T [N]) for the N supervised tokens,
+        row by row, pi_T = softmax(logits / temperature) (the sampling distribution); one pass per length
+        bucket of rows (``length_buckets``) so short rollouts are not padded."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return per_token_by_bucket(lambda sub: self._rows(**sub, with_values=with_values), batch, buckets)
+
+        def rows(sub: dict[str, torch.Tensor]) -> tuple:
+            return self._rows(**sub, with_values=with_values, temperature=temperature)
+
+        return per_token_by_bucket(rows, batch, buckets)
 
     def _rows(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, with_values: bool
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        with_values: bool,
+        temperature: float,
     ) -> tuple:
         targets_mask = labels[:, 1:] != IGNORE_INDEX
         keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -123,7 +136,8 @@ class ActorCritic(nn.Module):
                 lambda m, a, o: hidden.append(a[0])
             )
         try:  # the LM head fused with log-softmax and gather, in chunks (align_cli/logprobs.py)
-            with head_logprobs(self.policy, labels[:, 1:][targets_mask], with_entropy=True) as result:
+            targets = labels[:, 1:][targets_mask]
+            with head_logprobs(self.policy, targets, with_entropy=True, temperature=temperature) as result:
                 self.policy(
                     input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
                 )
@@ -184,14 +198,14 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
     lengths = torch.tensor([len(s.response_ids) for s in samples], device=batch["input_ids"].device)
     mask = to_padded(torch.ones(int(lengths.sum()), device=lengths.device), lengths)
     actor.eval()
-    logps, values, _ = actor(**batch, buckets=collated["buckets"])
+    logps, values, _ = actor(**batch, buckets=collated["buckets"], temperature=p.temperature)
     actor.train()
     ref_logps = reference_logprobs(ctx, batch, collated["buckets"])
     texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     finished = torch.tensor([s.finished for s in samples], device=mask.device)
-    prompt_texts = [x.text(recipe.data.template, ctx["scorer_tokenizer"]) for x in prompts]
+    ended = [s.finished for s in samples]
     raw = torch.tensor(
-        score(ctx["scorer"], ctx["scorer_tokenizer"], prompt_texts, texts, recipe.data.template),
+        score(ctx["scorer"], ctx["scorer_tokenizer"], prompts, texts, recipe.data.template, ended),
         device=mask.device,
     )
     scores = raw.clone()
@@ -229,17 +243,20 @@ def reference_logprobs(
     ctx: dict[str, Any], batch: dict[str, torch.Tensor], buckets: list[tuple[list[int], int]] | None = None
 ) -> torch.Tensor:
     """log pi_ref of the response tokens [N]: the frozen SFT model, or under LoRA the policy itself with
-    its adapters disabled (its base weights are the SFT weights: no second copy in memory)."""
+    its adapters disabled (its base weights are the SFT weights: no second copy in memory). Scored as the
+    policy is: at the sampling temperature and under the same autocast, so the KL at identical weights
+    is 0."""
     batch = {**batch, "buckets": buckets}
+    acc, temperature = ctx["accelerator"], ctx["recipe"].ppo.temperature
     if ctx["reference"] is not None:
-        return response_logprobs(ctx["reference"], batch)[0]
-    acc = ctx["accelerator"]
+        with acc.autocast():
+            return response_logprobs(ctx["reference"], batch, temperature)[0]
     with for_generation(acc, ctx["actor"]) as (unwrapped, _):
         policy = unwrapped.policy
         was_training = policy.training
         policy.eval()
         with policy.disable_adapter(), acc.autocast():
-            out = response_logprobs(policy, batch)[0]
+            out = response_logprobs(policy, batch, temperature)[0]
         policy.train(was_training)
     return out
 
@@ -281,7 +298,7 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
             mask, old_logps, old_values, adv, ret = (
                 ro[k][rows][:, :width] for k in ("mask", "old_logps", "old_values", "advantages", "returns")
             )
-            logps, values, entropy = actor(**mb)
+            logps, values, entropy = actor(**mb, temperature=p.temperature)
             logps, values, entropy = (to_padded(x, lengths) for x in (logps, values, entropy))
             pg_loss, pg_stats = L.ppo_policy_loss(logps, old_logps, adv, mask, p.cliprange)
             vf_loss, vf_stats = L.ppo_value_loss(values, old_values, ret, mask, p.cliprange_value)
@@ -296,7 +313,8 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
             }
             extra = ptx_batch(ctx, iteration, steps)
             if extra is not None and p.ptx_coef > 0:
-                ptx_logps, _, _ = actor(**extra, with_values=False)  # through the wrapper, for DDP
+                # the LM loss on data is at temperature 1; through the wrapper, for DDP
+                ptx_logps, _, _ = actor(**extra, with_values=False)
                 ptx_loss = -ptx_logps.mean()
                 loss = loss + p.ptx_coef * ptx_loss
                 stats["loss/ptx"] = ptx_loss
@@ -405,6 +423,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail before anything is built
     tokenizer = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    settle_chat_template(tokenizer, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))
     room = recipe.data.max_length - p.max_new_tokens
     prompts, prompt_stats = fit_prompts(prompts, tokenizer, recipe.data.template, room)
     ptx, ptx_stats = [], DataStats()
@@ -418,7 +437,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         )
     set_seed(t.seed)
     policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
-    policy = load_causal_lm(policy_section)
+    policy = load_causal_lm(policy_section, tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if p.rollout_batch_size % world or p.mini_batch_size % world:
         raise RecipeError(
@@ -427,7 +446,9 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         )
     reference = None  # under LoRA: the policy with its adapters disabled
     if not recipe.model.lora.enabled:
-        reference = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)).eval()
+        # the policy's own loading settings (dtype, attention implementation, dropout), without its adapters
+        reference_section = replace(policy_section, lora=LoraSection(), gradient_checkpointing=False)
+        reference = load_causal_lm(reference_section, tokenizer).eval()
         reference.requires_grad_(False)
     scorer_tokenizer = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id).eval()
@@ -439,6 +460,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
             name_or_path=scorer_dir,
             lora=recipe.model.lora,
             gradient_checkpointing=recipe.model.gradient_checkpointing,
+            disable_dropout=recipe.model.disable_dropout,
         )
         value_model = load_reward_model(value_section, scorer_tokenizer.pad_token_id)
         if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():

@@ -35,6 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm, shard_batches
@@ -52,9 +53,14 @@ def best_of_n_kl(n: int) -> float:
 # ----------------------------------------------------------------------------- selection and tables
 
 
-def select(rewards: list[float], how: str, keep: int, threshold: float | None) -> list[int]:
-    """Indices of the samples of one prompt that are kept, best first."""
-    order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+def select(
+    rewards: list[float], how: str, keep: int, threshold: float | None, finished: list[bool] | None = None
+) -> list[int]:
+    """Indices of the samples of one prompt that are kept, best first. Only samples that ended by
+    themselves compete while there is one (``finished``): a sample cut at max_new_tokens is kept only when
+    no sample of the prompt finished."""
+    pool = [i for i in range(len(rewards)) if finished is None or not any(finished) or finished[i]]
+    order = sorted(pool, key=lambda i: -rewards[i])
     if how == "best":
         return order[:1]
     if how == "top_k":
@@ -62,21 +68,46 @@ def select(rewards: list[float], how: str, keep: int, threshold: float | None) -
     return [i for i in order if rewards[i] >= threshold]
 
 
+def best_of_n_weights(total: int, n: int) -> list[float]:
+    """Weights w_1..w_N of the ascending-sorted rewards r_(1) <= ... <= r_(N) of N samples such that
+    sum_i w_i r_(i) is the expected best of n samples drawn from them without replacement:
+
+        w_i = C(i - 1, n - 1) / C(N, n)    (the chance that r_(i) is the largest of the n; 0 for i < n)
+
+    the unbiased estimate of E[max of n] from all N samples; n = 1 gives the mean, n = N the max."""
+    if not 1 <= n <= total:
+        raise ValueError(f"best of n={n} needs 1 <= n <= N={total} samples")
+    return [math.comb(i - 1, n - 1) / math.comb(total, n) for i in range(1, total + 1)]
+
+
+def expected_best_of_n(rewards: list[float], n: int) -> float:
+    """E[max of n of ``rewards``] = sum_{i=n..N} C(i-1, n-1) / C(N, n) * r_(i), r sorted ascending."""
+    return sum(w * r for w, r in zip(best_of_n_weights(len(rewards), n), sorted(rewards)))
+
+
 def best_of_n_table(per_prompt: list[list[float]]) -> list[dict[str, float]]:
-    """For k = 1, 2, 4, ..., N: mean over prompts of the first sample, the mean of k and the best of k."""
-    n = min(len(r) for r in per_prompt)
-    ks = sorted({1, *[2**i for i in range(1, int(math.log2(n)) + 1)], n})
+    """For n = 1, 2, 4, ..., N: means over prompts of the reward of one sample, the mean of n and the best
+    of n, each estimated without bias from all N samples of a prompt (not from its first n samples):
+
+        best of n:  expected_best_of_n(rewards, n) = sum_{i=n..N} C(i-1, n-1) / C(N, n) * r_(i)
+        mean of n:  the mean of all N (the expected mean of n samples, the same for every n)
+        sample 1:   also the mean of all N (the expected reward of one sample, = best of 1)
+
+    and the gain best - mean per prompt. N is the smallest number of samples of any prompt."""
+    n_max = min(len(r) for r in per_prompt)
+    ks = sorted({1, *[2**i for i in range(1, int(math.log2(n_max)) + 1)], n_max})
+    means = [sum(r) / len(r) for r in per_prompt]
+    mean = sum(means) / len(means)
     rows = []
     for k in ks:
-        mean_k = [sum(r[:k]) / k for r in per_prompt]
-        best_k = [max(r[:k]) for r in per_prompt]
+        best_k = [expected_best_of_n(r, k) for r in per_prompt]
         rows.append(
             {
                 "n": k,
-                "reward_sample_1": sum(r[0] for r in per_prompt) / len(per_prompt),
-                "reward_mean_of_n": sum(mean_k) / len(mean_k),
+                "reward_sample_1": mean,
+                "reward_mean_of_n": mean,
                 "reward_best_of_n": sum(best_k) / len(best_k),
-                "gain_per_prompt": sum(b - m for b, m in zip(best_k, mean_k)) / len(best_k),
+                "gain_per_prompt": sum(b - m for b, m in zip(best_k, means)) / len(best_k),
                 "kl_analytic": best_of_n_kl(k),
             }
         )
@@ -111,13 +142,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def sft_record(prompt: Prompt, response: str) -> dict[str, Any]:
-    """An SFT-ready record: Alpaca when the prompt came from one, else prompt/completion (or chat)."""
+def sft_record(prompt: Prompt, response: str, finished: bool = True) -> dict[str, Any]:
+    """An SFT-ready record: Alpaca when the prompt came from one, else prompt/completion (or chat). A
+    response that did not end by itself is marked ``finished: false``: SFT then adds no end marker."""
+    mark = {} if finished else {"finished": False}
     if prompt.instruction is not None:
-        return {"instruction": prompt.instruction, "input": prompt.input, "output": response}
-    if isinstance(prompt.prompt, list):
+        return {"instruction": prompt.instruction, "input": prompt.input, "output": response} | mark
+    if isinstance(prompt.prompt, list) and finished:
         return {"messages": [*prompt.prompt, {"role": "assistant", "content": response}]}
-    return {"prompt": prompt.prompt, "completion": response}
+    return {"prompt": prompt.prompt, "completion": response} | mark
 
 
 def sample_and_score(
@@ -146,6 +179,7 @@ def sample_and_score(
             len(prompts), rs.prompts_per_batch, state.process_index, state.num_processes
         )
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(template, prompts))
     params = SamplingParams(
         n=n,
         max_new_tokens=rs.max_new_tokens,
@@ -178,15 +212,16 @@ def sample_and_score(
             samples = sample_vllm(policy_dir, policy_tok, prompt_ids, params)
             advance(len(samples))
         elif prompt_ids:
-            policy = load_causal_lm(ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype))
+            section = ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)
+            policy = load_causal_lm(section, policy_tok)
             policy.to(state.device)
             samples = sample(policy, policy_tok, prompt_ids, params, progress=advance, first_batch=first)
             del policy
     for s in samples:
         s.prompt_index += start
     texts = [policy_tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    prompt_texts = [prompts[s.prompt_index].text(template, scorer_tok) for s in samples]
-    rewards = score(scorer, scorer_tok, prompt_texts, texts, template, rs.score_batch_size) if texts else []
+    sampled_prompts, finished = [prompts[s.prompt_index] for s in samples], [s.finished for s in samples]
+    rewards = score(scorer, scorer_tok, sampled_prompts, texts, template, finished, rs.score_batch_size)
     if state.num_processes > 1:  # every process gets every result, in prompt order (contiguous shares)
         gathered = gather_object(list(zip(samples, texts, rewards)))
         samples, texts, rewards = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
@@ -201,7 +236,7 @@ def run_round(
     prompts: list[Prompt],
     recipe: Recipe,
     seed: int,
-    best_so_far: dict[int, tuple[float, str]],
+    best_so_far: dict[int, tuple[bool, float, str]],
     backend: str,
     console: Console,
 ) -> dict:
@@ -235,18 +270,31 @@ def run_round(
     best_rows, pair_rows, no_selection = [], [], 0
     for p, idx in enumerate(per_prompt):
         prompt_rewards = [rewards[i] for i in idx]
-        chosen = select(prompt_rewards, rs.select, rs.keep, rs.threshold)
+        ended = [samples[i].finished for i in idx]
+        chosen = select(prompt_rewards, rs.select, rs.keep, rs.threshold, ended)
         chosen = [c for c in chosen if texts[idx[c]].strip()]  # an empty reply is no SFT example
         if rs.keep_previous_best and chosen:
             top = idx[chosen[0]]
-            if p not in best_so_far or rewards[top] > best_so_far[p][0]:
-                best_so_far[p] = (rewards[top], texts[top])
+            candidate = (
+                samples[top].finished,
+                rewards[top],
+                texts[top],
+            )  # a finished sample beats any cut one
+            if p not in best_so_far or candidate[:2] > best_so_far[p][:2]:
+                best_so_far[p] = candidate
             if rs.select == "best":  # Llama 2: train on the best sample seen so far for this prompt
-                best_rows.append(sft_record(prompts[p], best_so_far[p][1]) | {"reward": best_so_far[p][0]})
+                end, reward, text = best_so_far[p]
+                best_rows.append(sft_record(prompts[p], text, end) | {"reward": reward})
                 chosen = []
         no_selection += not chosen and not (rs.keep_previous_best and rs.select == "best")
-        best_rows += [sft_record(prompts[p], texts[idx[c]]) | {"reward": prompt_rewards[c]} for c in chosen]
-        hi, lo = max(idx, key=lambda i: rewards[i]), min(idx, key=lambda i: rewards[i])
+        best_rows += [
+            sft_record(prompts[p], texts[idx[c]], ended[c]) | {"reward": prompt_rewards[c]} for c in chosen
+        ]
+        # pairs for DPO, which ends both responses with the end marker: samples that ended by themselves
+        whole = [i for i in idx if samples[i].finished]
+        if len(whole) < 2:
+            continue
+        hi, lo = max(whole, key=lambda i: rewards[i]), min(whole, key=lambda i: rewards[i])
         if texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo] and rewards[hi] > rewards[lo]:
             pair_rows.append(
                 {
@@ -265,6 +313,7 @@ def run_round(
         "mean_reward": sum(rewards) / len(rewards),
         "best_jsonl_mean_reward": sum(r["reward"] for r in best_rows) / max(len(best_rows), 1),
         "selected": len(best_rows),
+        "selected_unfinished": sum(r.get("finished") is False for r in best_rows),
         "prompts_without_selection": no_selection,
         "pairs": len(pair_rows),
         "eos_rate": sum(s.finished for s in samples) / len(samples),
@@ -304,6 +353,7 @@ def run_rejection_sampling(
     prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail here
     room = recipe.data.max_length - rs.max_new_tokens  # too long: dropped and counted, as is max_prompts
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
+    settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))
     prompts, prompt_stats = fit_prompts(prompts, policy_tok, recipe.data.template, room, rs.max_prompts)
     scorer_tok = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tok.pad_token_id)
@@ -332,6 +382,11 @@ def run_rejection_sampling(
             console,
         )
         print_round_table(f"round {r}: reward by N (policy {policy_dir})", figures["table"], console)
+        console.print(
+            f"round {r}: {figures['eos_rate']:.0%} of samples ended by themselves; selected "
+            f"{figures['selected']} ({figures['selected_unfinished']} cut at max_new_tokens, kept only where "
+            f"no sample of the prompt ended; written without an end marker), {figures['pairs']} pairs"
+        )
         if rs.then == "sft":
             sft_recipe = copy.deepcopy(recipe)
             sft_recipe.stage = "sft"

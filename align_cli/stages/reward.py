@@ -27,6 +27,7 @@ from rich.console import Console
 
 from align_cli.data.formats import DataError, Record, load_records
 from align_cli.data.preference import collate_responses, encode_preference, tokenize_preferences
+from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.metrics import print_table
@@ -84,6 +85,7 @@ def record_margins(records: list[Record], section: RewardSection) -> dict[str, f
 def _load(source: str, recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, Any]], DataStats]:
     d = recipe.data
     records = load_records(source, d.format, REWARD_KINDS, d.hub_split)
+    settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     margins = record_margins(records, recipe.reward)
     examples, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
     for e in examples:
@@ -194,7 +196,7 @@ def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = N
         f"rankings of K > 2); eval: {len(held)} examples"
     )
     set_seed(recipe.training.seed)  # the new scalar head and LoRA adapters are initialised at random
-    model = load_reward_model(recipe.model, tokenizer.pad_token_id, recipe.reward.head)
+    model = load_reward_model(recipe.model, tokenizer.pad_token_id, recipe.reward.head, tokenizer)
     run_dir, accelerator = open_run(recipe, resume)
     pad = tokenizer.pad_token_id
     spec = StageSpec(

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from align_cli.data.collate import pad_collate, padding_free_collate
 from align_cli.data.formats import PREFERRED_FT_KINDS, SFT_KINDS, load_records
+from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
@@ -46,9 +47,11 @@ def prepare_sft_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
     """Read, validate and tokenize train/eval data; nothing is dropped without a count."""
     d = recipe.data
     records = load_records(d.train, d.format, SFT_KINDS + PREFERRED_FT_KINDS, d.hub_split)
+    settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     train, stats = tokenize_sft(records, tokenizer, d.template, d.max_length, d.on_too_long)
     if d.eval:
         eval_records = load_records(d.eval, d.format, SFT_KINDS + PREFERRED_FT_KINDS, d.hub_split)
+        settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, eval_records))
         held, eval_stats = tokenize_sft(eval_records, tokenizer, d.template, d.max_length, d.on_too_long)
     else:
         train, held = split_holdout(train, d.eval_fraction, recipe.training.seed)
@@ -65,7 +68,7 @@ def run_sft(recipe: Recipe, resume: bool = False, console: Console | None = None
     train, held, data_stats = prepare_sft_data(recipe, tokenizer)  # bad data fails before any run dir exists
     console.print(f"[bold]data[/] train: {data_stats['train'].describe()}; eval: {len(held)} examples")
     set_seed(recipe.training.seed)  # LoRA adapters are initialised at random
-    model = load_causal_lm(recipe.model)
+    model = load_causal_lm(recipe.model, tokenizer)
     run_dir, accelerator = open_run(recipe, resume)
     spec = StageSpec(
         name="sft",
