@@ -57,10 +57,17 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str | None = None  # JSONL path or hub data set id
-    eval: str | None = None  # JSONL path or hub data set id; else eval_fraction of train
+    # a file (.jsonl, .json array or lines, .parquet, .csv, .tsv), a folder of them, a datasets.save_to_disk
+    # folder, or a hub data set id (`name` or `name:split`)
+    train: str | None = None
+    eval: str | None = None  # as train; else eval_fraction of train
     eval_fraction: float = 0.0
     hub_split: str = "train"
+    hub_config: str | None = None  # a hub data set's configuration (subset) name
+    # the source's column for each of align's fields, e.g. {prompt: question, chosen: good, rejected: bad}
+    columns: dict[str, str] = field(default_factory=dict)
+    # role names in the source's messages -> align's (system, user, assistant, tool), e.g. {human: user}
+    roles: dict[str, str] = field(default_factory=dict)
     format: str = choices(
         "auto", "alpaca", "prompt_completion", "messages", "text", "preference", "ranked", default="auto"
     )

@@ -169,3 +169,98 @@ def test_ultrafeedback_style_conversations_split_off_the_prompt():
         [{"role": "assistant", "content": "Blue."}],
         [{"role": "assistant", "content": "No."}],
     ]
+
+
+# ----------------------------------------------------------------------------- their data, as published
+
+HH_HELPFUL_BASE = [  # trl-lib/hh-rlhf-helpful-base: conversational preference, explicit prompt
+    {
+        "prompt": [
+            {"role": "user", "content": "What is a good way to learn to cook?"},
+            {"role": "assistant", "content": "Start with simple recipes."},
+            {"role": "user", "content": "Which ones?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Eggs, pasta and soups are forgiving."}],
+        "rejected": [{"role": "assistant", "content": "I don't know."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "How do I tie a tie?"}],
+        "chosen": [{"role": "assistant", "content": "Start with the wide end on your right."}],
+        "rejected": [{"role": "assistant", "content": "Buy a clip-on."}],
+    },
+]
+ULTRACHAT = [  # HuggingFaceH4/ultrachat_200k, split train_sft
+    {
+        "prompt": "Explain photosynthesis briefly.",
+        "prompt_id": "a1",
+        "messages": [
+            {"role": "user", "content": "Explain photosynthesis briefly."},
+            {"role": "assistant", "content": "Plants turn light, water and CO2 into sugar and oxygen."},
+            {"role": "user", "content": "Where does it happen?"},
+            {"role": "assistant", "content": "In the chloroplasts."},
+        ],
+    },
+]
+ULTRAFEEDBACK = [  # HuggingFaceH4/ultrafeedback_binarized, split train_prefs
+    {
+        "prompt": "Name a prime number.",
+        "prompt_id": "b2",
+        "chosen": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "7 is prime."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "9 is prime."},
+        ],
+        "messages": [
+            {"role": "user", "content": "Name a prime number."},
+            {"role": "assistant", "content": "7 is prime."},
+        ],
+        "score_chosen": 9.0,
+        "score_rejected": 2.0,
+    },
+]
+PUBLISHED = {
+    ("trl-lib/hh-rlhf-helpful-base", "train"): HH_HELPFUL_BASE,
+    ("HuggingFaceH4/ultrachat_200k", "train_sft"): ULTRACHAT,
+    ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): ULTRAFEEDBACK,
+}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(RECIPES) for p in RECIPES.glob("*/*.yaml") if p.parent.name in FAMILIES)
+)
+def test_real_recipes_read_their_data_sets_as_published(path: Path, tiny_model: Path, monkeypatch):
+    """Issue 16 item 7: each real recipe's data path on rows in the exact shape of the public set it names
+    (the hub is replaced by those rows, for the recipe's own split); every row is kept."""
+    from transformers import AutoTokenizer
+
+    from align_cli.data import readers
+    from align_cli.data.prompts import load_prompts
+    from align_cli.stages.dpo import prepare_dpo_data
+    from align_cli.stages.reward import prepare_reward_data
+    from align_cli.stages.sft import prepare_sft_data
+
+    asked = []
+
+    def published(name: str, options: readers.ReadOptions) -> list:
+        asked.append((name, options.split))
+        return [(name, i + 1, row) for i, row in enumerate(PUBLISHED[(name, options.split)])]
+
+    monkeypatch.setattr(readers, "_read_hub", published)
+    monkeypatch.chdir(ROOT)  # recipes name files (chat templates) relative to the repository
+    recipe = load_recipe(RECIPES / path)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    stage = recipe.stage
+    if stage in ("sft", "reward", "dpo"):
+        prepare = {"sft": prepare_sft_data, "reward": prepare_reward_data, "dpo": prepare_dpo_data}[stage]
+        recipe.data.eval_fraction = 0.0
+        _, _, stats = prepare(recipe, tok)
+        assert stats["train"].kept == stats["train"].read == len(PUBLISHED[asked[0]]), stats
+    else:
+        source = recipe.ppo.prompts if stage == "ppo" else recipe.rejection.prompts
+        prompts = load_prompts(source, readers.read_options(recipe.data))
+        assert len(prompts) == len(PUBLISHED[asked[0]])
+        assert all(isinstance(p.prompt, list) and p.prompt[-1]["role"] == "user" for p in prompts)
+    assert asked, "the recipe read no hub data set"

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align_cli.data.formats import SFT_KINDS, Record, load_records
+from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, render_prompt, settle_chat_template
 from align_cli.data.tokenize import tokenize_sft
 from align_cli.recipe import Recipe
@@ -42,7 +43,7 @@ def _preference_lengths(records: list[Record], tokenizer: Any, template: str) ->
 
 def check_file(source: str, recipe: Recipe, console: Console) -> None:
     d = recipe.data
-    records = load_records(source, d.format, hub_split=d.hub_split)
+    records = load_records(source, d.format, options=read_options(d))
     kinds = Counter(r.kind for r in records)
     by_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
     console.print(f"[green]ok[/] {source}: {len(records)} valid records ({by_kind})")

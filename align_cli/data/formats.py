@@ -14,20 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align_cli.data.normalize import normalize
+from align_cli.data.readers import DataError, ReadOptions, read_rows
+
 MAX_REPORTED_ERRORS = 20
 # a JSONL line longer than this is refused without being read into memory (a runaway line is almost
 # always a broken export, e.g. a whole file on one line); ALIGN_MAX_LINE_MB changes it
 MAX_LINE_MB_ENV = "ALIGN_MAX_LINE_MB"
 DEFAULT_MAX_LINE_MB = 10.0
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+USER_SIDE = ("user", "tool")  # turns the model answers: a user's, or a tool's result
 KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked")
 SFT_KINDS = ("alpaca", "prompt_completion", "messages", "text")
 # `align sft` also takes preference records: Preferred-FT, SFT on prompt + chosen (best) response
 PREFERRED_FT_KINDS = ("preference", "ranked")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names file, line and field."""
 
 
 @dataclass
@@ -85,11 +85,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin or score would turn
+# the loss into NaN
+JSON_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def parse_json_line(text: str) -> Any:
-    """json.loads that refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin
-    or score would turn the loss into NaN. Raises ValueError with the reason."""
+    """One JSON document, by ``JSON_DECODER``. Raises ValueError with the reason."""
     try:
-        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        return JSON_DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{exc.msg} (column {exc.colno})") from None
     except RecursionError:
@@ -134,31 +138,43 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     return rows
 
 
-def read_hub(name: str, split: str) -> list[tuple[int, Any]]:
-    """Rows of a hub (or local ``datasets``) data set as (row number + 1, dict)."""
-    import datasets
+# the fields that make a record of each kind, in the order kinds are preferred when a record fits
+# several (UltraFeedback rows hold both `messages` and `chosen`/`rejected`)
+KIND_FIELDS = {
+    "messages": ("messages",),
+    "preference": ("chosen", "rejected"),
+    "ranked": ("responses",),
+    "alpaca": ("instruction",),
+    "prompt_completion": ("completion",),
+    "text": ("text",),
+}
 
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # datasets raises many kinds; the user needs the name and the reason
-        raise DataError(f"{name}: could not load data set (split {split!r}): {exc}") from exc
-    return [(i + 1, row) for i, row in enumerate(ds)]
+
+def detect_kind(obj: dict[str, Any], allowed: Iterable[str] = KINDS) -> str | None:
+    """The kind of a record, decided by what the stage takes: the first kind in preference order whose
+    fields the record has and that ``allowed`` holds (a preference file with a `messages` column is
+    preference data for reward and DPO, chat data for SFT); None when no allowed kind fits."""
+    fitting = [kind for kind, fields in KIND_FIELDS.items() if any(f in obj for f in fields)]
+    return next((kind for kind in fitting if kind in allowed), None)
 
 
-def detect_kind(obj: dict[str, Any]) -> str | None:
-    if "messages" in obj:
-        return "messages"
-    if "chosen" in obj or "rejected" in obj:
-        return "preference"
-    if "responses" in obj:
-        return "ranked"
-    if "instruction" in obj:
-        return "alpaca"
-    if "completion" in obj:
-        return "prompt_completion"
-    if "text" in obj:
-        return "text"
-    return None
+def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...]) -> str:
+    """What a record holds and how to map it onto a kind the stage takes."""
+    wanted = {
+        "alpaca": "instruction, input, output",
+        "prompt_completion": "prompt, completion",
+        "messages": "messages",
+        "text": "text",
+        "preference": "prompt, chosen, rejected",
+        "ranked": "prompt, responses",
+    }
+    first = next(iter(obj), "COLUMN")
+    fields = ", ".join(obj) or "none"
+    kinds = "; ".join(f"{k} ({wanted[k]})" for k in allowed)
+    return (
+        f"found the fields {fields}; this command takes {kinds}. Map a column onto one of these with "
+        f"data.columns, e.g. --set data.columns.prompt={first}, or give data.format"
+    )
 
 
 def _raise_if(errors: list[str], source: Any) -> None:
@@ -179,8 +195,12 @@ def _text(obj: dict, key: str, errors: list[str], required: bool = True, allow_e
         errors.append(f"{key}: empty")
 
 
-def validate_messages(messages: Any, key: str = "messages", need_assistant_last: bool = True) -> list[str]:
-    """Problems of a chat ``messages`` list (roles, order, content types)."""
+def validate_messages(
+    messages: Any, key: str = "messages", need_assistant_last: bool = True, first: tuple[str, ...] = ("user",)
+) -> list[str]:
+    """Problems of a chat ``messages`` list (roles, order, content types). Turns alternate between the
+    assistant and the other side (a user, or a tool's result); the first non-system turn is one of
+    ``first`` (a response that continues a prompt starts with the assistant)."""
     if not isinstance(messages, list) or not messages:
         return [f"{key}: expected a non-empty list of {{role, content}}"]
     errors = []
@@ -199,12 +219,13 @@ def validate_messages(messages: Any, key: str = "messages", need_assistant_last:
         elif role == "assistant" and not content.strip():
             errors.append(f"{where}.content: empty assistant response")
     turns = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") != "system"]
-    for prev, cur in zip(turns, turns[1:]):
+    sides = ["user" if role in USER_SIDE else role for role in turns]
+    for prev, cur in zip(sides, sides[1:]):
         if prev == cur:
             errors.append(f"{key}: two {cur} messages in a row (roles must alternate user/assistant)")
             break
-    if turns and turns[0] != "user":
-        errors.append(f"{key}: the first non-system message must be from the user")
+    if turns and turns[0] not in first:
+        errors.append(f"{key}: the first non-system message must be from the {' or the '.join(first)}")
     if need_assistant_last and (not turns or turns[-1] != "assistant"):
         errors.append(f"{key}: must end with an assistant message")
     return errors
@@ -217,7 +238,7 @@ def _validate_ranked(obj: dict, errors: list[str]) -> None:
         errors.append("responses: expected a list of at least 2 responses, best first")
         return
     for i, resp in enumerate(responses):
-        _response(resp, f"responses[{i}]", errors)
+        _response(resp, f"responses[{i}]", errors, "prompt" in obj)
     if "scores" in obj:
         scores = obj["scores"]
         if not isinstance(scores, list) or len(scores) != len(responses):
@@ -239,9 +260,11 @@ def _prompt(obj: dict, errors: list[str]) -> None:
         _text(obj, "prompt", errors)
 
 
-def _response(value: Any, key: str, errors: list[str]) -> None:
+def _response(value: Any, key: str, errors: list[str], has_prompt: bool) -> None:
+    """A response: text, a whole conversation, or (beside a prompt) the assistant turn(s) that continue
+    the prompt."""
     if isinstance(value, list):
-        errors.extend(validate_messages(value, key))
+        errors.extend(validate_messages(value, key, first=("user", "assistant") if has_prompt else ("user",)))
     elif not isinstance(value, str):
         errors.append(f"{key}: expected a string or a messages list, got {type(value).__name__}")
     elif not value.strip():
@@ -255,7 +278,7 @@ def _validate_preference(obj: dict, errors: list[str]) -> None:
         if key not in obj:
             errors.append(f"{key}: missing")
         else:
-            _response(obj[key], key, errors)
+            _response(obj[key], key, errors, "prompt" in obj)
     if "chosen" in obj and obj.get("chosen") == obj.get("rejected"):
         errors.append("chosen: identical to rejected")
     if "margin" in obj and obj["margin"] is not None:
@@ -275,9 +298,12 @@ def validate_record(obj: Any, kind: str) -> list[str]:
         _text(obj, "instruction", errors)
         _text(obj, "input", errors, required=False, allow_empty=True)
         _text(obj, "output", errors)
-    elif kind == "prompt_completion":
-        _text(obj, "prompt", errors)
-        _text(obj, "completion", errors)
+    elif kind == "prompt_completion":  # text, or TRL's conversational prompt-completion
+        _prompt(obj, errors)
+        if isinstance(obj.get("completion"), list):
+            errors.extend(validate_messages(obj["completion"], "completion", first=("assistant",)))
+        else:
+            _text(obj, "completion", errors)
     elif kind == "messages":
         errors.extend(validate_messages(obj.get("messages")))
     elif kind == "text":
@@ -292,35 +318,42 @@ def validate_record(obj: Any, kind: str) -> list[str]:
 
 
 def load_records(
-    source: str, kind: str = "auto", allowed: Iterable[str] = KINDS, hub_split: str = "train"
+    source: str, kind: str = "auto", allowed: Iterable[str] = KINDS, options: ReadOptions | None = None
 ) -> list[Record]:
-    """Read and validate every record of a JSONL file or hub data set.
+    """Read (``readers.read_rows``: JSONL, JSON, Parquet, CSV/TSV, saved data sets, folders, hub ids),
+    map onto align's fields (``normalize``: column and role mapping, TRL, ShareGPT and HH shapes) and
+    validate every record of ``source``.
 
-    ``kind='auto'`` detects it from the first record; all records must then be of that kind.
-    Raises DataError naming file, line and field for every bad record (up to a cap)."""
+    ``kind='auto'`` detects it from the first record, as the stage needs it (``detect_kind``); all
+    records must then be of that kind. Raises DataError naming file, line and field for every bad
+    record (up to a cap)."""
+    options = options or ReadOptions()
     allowed = tuple(allowed)
-    is_file = source.endswith((".jsonl", ".json")) or Path(source).exists()
-    rows = read_jsonl(source) if is_file else read_hub(source, hub_split)
+    rows = [
+        (where, line, normalize(obj, options.columns, options.roles))
+        for where, line, obj in read_rows(source, options)
+    ]
+    if not rows:
+        raise DataError(f"{source}: no records")
     if kind == "auto":
-        first = rows[0][1]
-        kind = detect_kind(first) if isinstance(first, dict) else None
+        where, line, first = rows[0]
+        if not isinstance(first, dict):
+            raise DataError(f"{where}:{line}: expected a JSON object, got {type(first).__name__}")
+        kind = detect_kind(first, allowed)
         if kind is None:
-            raise DataError(
-                f"{source}:{rows[0][0]}: cannot tell the record kind from its fields "
-                f"({', '.join(first) if isinstance(first, dict) else type(first).__name__}); expected one "
-                "of: instruction/input/output, prompt/completion, messages, text, prompt/chosen/rejected, "
-                "prompt/responses"
-            )
+            found = detect_kind(first)
+            what = f"records are {found!r}" if found else "cannot tell the record kind"
+            raise DataError(f"{where}:{line}: {what}: {_kind_hint(first, allowed)}")
     if kind not in allowed:
         raise DataError(f"{source}: records are {kind!r}; this command takes {', '.join(allowed)}")
     records, errors = [], []
-    for line, obj in rows:
+    for where, line, obj in rows:
         problems = validate_record(obj, kind)
         if problems:
-            errors.extend(f"{source}:{line}: {p}" for p in problems)
+            errors.extend(f"{where}:{line}: {p}" for p in problems)
             if len(errors) >= MAX_REPORTED_ERRORS:
                 break
         else:
-            records.append(Record(source=source, line=line, kind=kind, fields=obj))
+            records.append(Record(source=where, line=line, kind=kind, fields=obj))
     _raise_if(errors, source)
     return records

@@ -14,7 +14,7 @@ import torch
 
 from align_cli.data.collate import length_buckets
 from align_cli.data.formats import DataError, Record
-from align_cli.data.templates import Segment, TemplateError, _chat, render_prompt, response_segments
+from align_cli.data.templates import Segment, continuation, render_prompt, response_segments
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids
 
 
@@ -76,12 +76,7 @@ def response_template(prompt: Any, template: str) -> str:
 def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> list[int]:
     """Token ids of a response: a string, or chat messages that continue a chat prompt."""
     if isinstance(response, list):
-        prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        before = _chat(tokenizer, prompt_msgs, add_generation_prompt=True)
-        full = _chat(tokenizer, prompt_msgs + response, add_generation_prompt=False)
-        if not full.startswith(before):
-            raise TemplateError("the chat template is not prefix-stable; cannot separate prompt and response")
-        return segment_ids(full[len(before) :], tokenizer)
+        return segment_ids(continuation(prompt, response, tokenizer), tokenizer)
     segments = response_segments(response, template, tokenizer)
     return [t for piece, _ in segments for t in segment_ids(piece, tokenizer)]
 
@@ -94,12 +89,7 @@ def chosen_segments(record: Record, template: str, tokenizer: Any) -> list[Segme
     prompt_text = render_prompt(prompt, template, tokenizer)
     best = responses[0]
     if isinstance(best, list):  # chat messages continuing the prompt: the text after the generation prompt
-        prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        before = _chat(tokenizer, prompt_msgs, add_generation_prompt=True)
-        full = _chat(tokenizer, prompt_msgs + best, add_generation_prompt=False)
-        if not full.startswith(before):
-            raise TemplateError("the chat template is not prefix-stable; cannot separate prompt and response")
-        return [(prompt_text, False), (full[len(before) :], True)]
+        return [(prompt_text, False), (continuation(prompt, best, tokenizer), True)]
     return [(prompt_text, False), *response_segments(best, template, tokenizer)]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from align_cli.data.formats import DataError, read_hub, read_jsonl, validate_messages
+from align_cli.data.formats import validate_messages
+from align_cli.data.normalize import normalize
+from align_cli.data.readers import DataError, ReadOptions, read_rows
 from align_cli.data.templates import alpaca_prompt, render_prompt
 from align_cli.data.tokenize import encode_segments
 
@@ -45,6 +47,10 @@ def _parse(obj: Any, where: str) -> Prompt | str:
         while messages and messages[-1]["role"] == "assistant":  # sample a fresh final reply
             messages = messages[:-1]
         return Prompt(where, messages)
+    if "prompt" not in obj and isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):
+        from align_cli.data.preference import split_conversations  # implicit prompt: the shared turns
+
+        obj = {"prompt": split_conversations(obj["chosen"], obj["rejected"])[0]}
     prompt = obj.get("prompt")
     if isinstance(prompt, list):
         problems = validate_messages(prompt, "prompt", need_assistant_last=False)
@@ -58,17 +64,16 @@ def _parse(obj: Any, where: str) -> Prompt | str:
     return Prompt(where, prompt)
 
 
-def load_prompts(source: str, hub_split: str = "train", limit: int | None = None) -> list[Prompt]:
-    """Every prompt of a file; all bad lines are reported together with file and line."""
-    from pathlib import Path
-
-    is_file = source.endswith((".jsonl", ".json")) or Path(source).exists()
-    rows = read_jsonl(source) if is_file else read_hub(source, hub_split)
+def load_prompts(source: str, options: ReadOptions | None = None, limit: int | None = None) -> list[Prompt]:
+    """Every prompt of a source (any reader of ``readers.read_rows``, mapped by ``normalize``: a
+    preference set gives its prompts); all bad rows are reported together with file and line."""
+    options = options or ReadOptions()
     prompts, errors = [], []
-    for line, obj in rows:
-        parsed = _parse(obj, f"{source}:{line}")
+    for where, line, raw in read_rows(source, options):
+        obj = normalize(raw, options.columns, options.roles)
+        parsed = _parse(obj, f"{where}:{line}")
         if isinstance(parsed, str):
-            errors.append(f"{source}:{line}: {parsed}")
+            errors.append(f"{where}:{line}: {parsed}")
         else:
             prompts.append(parsed)
     if errors:

@@ -136,6 +136,17 @@ def render_chat(messages: list[dict], tokenizer: Any) -> list[Segment]:
     return [s for s in segments if s[0]]
 
 
+def continuation(prompt: str | list[dict], response: list[dict], tokenizer: Any) -> str:
+    """The text a chat template adds after a prompt's generation prompt for ``response`` (the assistant
+    turn(s) that continue the prompt): the trainable part of a conversational completion or preference."""
+    prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    before = _chat(tokenizer, prompt_msgs, add_generation_prompt=True)
+    full = _chat(tokenizer, prompt_msgs + response, add_generation_prompt=False)
+    if not full.startswith(before):
+        raise TemplateError("the chat template is not prefix-stable; cannot separate prompt and response")
+    return full[len(before) :]
+
+
 def render_prompt(prompt: str | list[dict], template: str, tokenizer: Any) -> str:
     """The text that precedes a response: a string prompt or a list of chat messages."""
     if isinstance(prompt, list):
@@ -188,6 +199,11 @@ def render_sft_record(kind: str, fields: dict[str, Any], template: str, tokenize
         return [(prompt, False), *response_segments(response, "alpaca", tokenizer, finished)]
     if kind == "prompt_completion":
         prompt_text = render_prompt(fields["prompt"], template, tokenizer)
+        if isinstance(fields["completion"], list):  # conversational prompt-completion (TRL)
+            return [
+                (prompt_text, False),
+                (continuation(fields["prompt"], fields["completion"], tokenizer), True),
+            ]
         chat = template == "chat" or isinstance(fields["prompt"], list)
         response_template = "chat" if chat else template
         return [

@@ -34,6 +34,7 @@ from rich.console import Console
 
 from align_cli.data.formats import load_records
 from align_cli.data.preference import collate_responses, encode_preference
+from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
@@ -199,11 +200,13 @@ def prepare_dpo_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
     """Read, validate and tokenize train (and a separate eval file); the split comes later, after the
     reference log-probs of the whole file are attached (one cache entry per file)."""
     d = recipe.data
-    train, stats = tokenize(load_records(d.train, d.format, PREFERENCE_KINDS, d.hub_split), tokenizer, recipe)
+    train, stats = tokenize(
+        load_records(d.train, d.format, PREFERENCE_KINDS, read_options(d)), tokenizer, recipe
+    )
     held, eval_stats = [], DataStats()
     if d.eval:
         held, eval_stats = tokenize(
-            load_records(d.eval, d.format, PREFERENCE_KINDS, d.hub_split), tokenizer, recipe
+            load_records(d.eval, d.format, PREFERENCE_KINDS, read_options(d)), tokenizer, recipe
         )
     if not train:
         raise RecipeError(f"data.train: no usable pair left in {d.train} ({stats.describe()})")

@@ -44,6 +44,7 @@ from align_cli.data.collate import length_buckets, pad_collate
 from align_cli.data.formats import SFT_KINDS, load_records
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -421,7 +422,9 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     console = console or Console()
     p, t = recipe.ppo, recipe.training
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
-    prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail before anything is built
+    prompts = load_prompts(
+        prompt_source, read_options(recipe.data)
+    )  # bad lines fail before anything is built
     tokenizer = load_tokenizer(ModelSection(name_or_path=policy_dir))
     settle_chat_template(tokenizer, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))
     room = recipe.data.max_length - p.max_new_tokens

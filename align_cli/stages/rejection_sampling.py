@@ -35,6 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
@@ -350,7 +351,7 @@ def run_rejection_sampling(
     console = console or Console()
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
-    prompts = load_prompts(prompt_source, recipe.data.hub_split)  # bad lines fail here
+    prompts = load_prompts(prompt_source, read_options(recipe.data))  # bad lines fail here
     room = recipe.data.max_length - rs.max_new_tokens  # too long: dropped and counted, as is max_prompts
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
     settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))

@@ -27,6 +27,7 @@ from rich.console import Console
 
 from align_cli.data.formats import DataError, Record, load_records
 from align_cli.data.preference import collate_responses, encode_preference, tokenize_preferences
+from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
@@ -84,7 +85,7 @@ def record_margins(records: list[Record], section: RewardSection) -> dict[str, f
 
 def _load(source: str, recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, Any]], DataStats]:
     d = recipe.data
-    records = load_records(source, d.format, REWARD_KINDS, d.hub_split)
+    records = load_records(source, d.format, REWARD_KINDS, read_options(d))
     settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     margins = record_margins(records, recipe.reward)
     examples, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)

@@ -1,0 +1,164 @@
+"""Every place data comes from, read through one function into rows that know where they came from.
+
+``read_rows(source, options)`` takes a JSONL file (streamed line by line, bounded memory), a JSON file
+(an array, as the original ``alpaca_data.json``, or JSON lines), Parquet, CSV or TSV (through pyarrow,
+the engine of ``datasets``), a ``datasets.save_to_disk`` folder, a folder of such files, or a hub data
+set id (``name``, ``name:split``; ``data.hub_split`` and ``data.hub_config``). Each row is
+(source, number, object): the source is the file (a folder's rows name their own file), the number is
+the line a record starts on for JSONL and JSON, the 1-based row for Parquet and hub sets, and the line
+in the file for CSV/TSV (the header is line 1). So every error still reads ``FILE:N: field: problem``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+Row = tuple[str, int, Any]  # (source, line or row number, record)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names file, line and field."""
+
+
+@dataclass
+class ReadOptions:
+    """How to read a source: the hub split and config, and the column and role renames
+    (``data.columns``: our field -> the source's column; ``data.roles``: the source's role -> ours)."""
+
+    split: str = "train"
+    config: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+def read_options(data: Any) -> ReadOptions:
+    """The reading settings of a recipe's ``data`` section."""
+    return ReadOptions(data.hub_split, data.hub_config, dict(data.columns), dict(data.roles))
+
+
+def read_rows(source: str, options: ReadOptions | None = None) -> list[Row]:
+    """Every row of ``source`` (see the module docstring), in order. Raises DataError naming the source
+    (for JSONL with every bad line)."""
+    options = options or ReadOptions()
+    path = Path(source)
+    if path.is_dir():
+        if any(
+            (path / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")
+        ):
+            return _read_saved(path, options.split)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{source}: a folder with no data files ({', '.join(FILE_SUFFIXES)}) and no saved data set"
+            )
+        return [row for p in files for row in read_file(p)]
+    if path.is_file():
+        return read_file(path)
+    if source.endswith(FILE_SUFFIXES):
+        raise DataError(f"{source}: no such file")
+    return _read_hub(source, options)
+
+
+def read_file(path: Path) -> list[Row]:
+    from align_cli.data.formats import read_jsonl
+
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        return [(str(path), line, obj) for line, obj in read_jsonl(path)]
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = _arrow(path, lambda: pq.read_table(path))
+        return [(str(path), i + 1, row) for i, row in enumerate(table.to_pylist())]
+    if suffix in (".csv", ".tsv"):
+        import pyarrow.csv as pcsv
+
+        parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+        table = _arrow(path, lambda: pcsv.read_csv(path, parse_options=parse))
+        return [(str(path), i + 2, row) for i, row in enumerate(table.to_pylist())]
+    raise DataError(
+        f"{path}: unknown file type {suffix or '(none)'}; expected one of {', '.join(FILE_SUFFIXES)}"
+    )
+
+
+def _arrow(path: Path, read: Any) -> Any:
+    import pyarrow as pa
+
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read it as {path.suffix[1:].upper()}: {exc}") from exc
+
+
+def _read_json(path: Path) -> list[Row]:
+    """A JSON array of records (each numbered by the line it starts on), or JSON lines."""
+    from align_cli.data.formats import JSON_DECODER, read_jsonl
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    start = len(text) - len(text.lstrip())
+    if not text[start:].startswith("["):
+        return [(str(path), line, obj) for line, obj in read_jsonl(path)]  # JSON lines in a .json file
+    rows, pos = [], start + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            break
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = JSON_DECODER.raw_decode(text, pos)
+        except ValueError as exc:
+            raise DataError(f"{path}:{line}: malformed JSON in the array: {exc}") from None
+        rows.append((str(path), line, obj))
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            line = text.count("\n", 0, pos) + 1
+            raise DataError(f"{path}:{line}: malformed JSON array: expected ',' or ']' after a record")
+    if not rows:
+        raise DataError(f"{path}: no records (an empty JSON array)")
+    return rows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_saved(path: Path, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot load the saved data set: {exc}") from exc
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{path}: no split {split!r}; it has {', '.join(saved)} (set data.hub_split)")
+        saved = saved[split]
+    return [(str(path), i + 1, row) for i, row in enumerate(saved)]
+
+
+def _read_hub(name: str, options: ReadOptions) -> list[Row]:
+    import datasets
+
+    split = options.split
+    if ":" in name:  # name:split
+        name, split = name.rsplit(":", 1)
+    try:
+        ds = datasets.load_dataset(name, options.config, split=split)
+    except Exception as exc:  # datasets raises many kinds; the user needs the name and the reason
+        raise DataError(
+            f"{name}: could not load data set (config {options.config!r}, split {split!r}): {exc}"
+        ) from exc
+    return [(name, i + 1, row) for i, row in enumerate(ds)]
