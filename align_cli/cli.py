@@ -660,16 +660,26 @@ def init_model(
 @data_app.command(
     "check",
     epilog="Examples:\n\n  align data check examples/data/alpaca.jsonl --model examples/models/tiny\n\n"
-    "  align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+    "  align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml\n\n"
+    "  align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
 )
 def data_check(
-    file: Annotated[str, typer.Argument(help="JSONL file or hub data set id.")],
+    file: Annotated[
+        str, typer.Argument(help="A data file (.jsonl .json .parquet .csv .tsv), folder or hub id.")
+    ],
     recipe: RecipeOpt = None,
     model: ModelOpt = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Override data.max_length.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            "--stage", help="Check for this stage (default: the recipe's): sft, reward, dpo, ppo, ..."
+        ),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Validate a data file; print counts, token-length percentiles and what max length would cut."""
+    """Validate a data file as training reads it; show one record as the model sees it, token-length
+    percentiles and what max length would cut."""
     from align_cli.data.check import check_file
     from align_cli.data.formats import DataError
     from align_cli.models import ModelError
@@ -677,7 +687,7 @@ def data_check(
     _setup_logging()
     try:
         parsed = load_recipe(recipe, {"model.name_or_path": model, "data.max_length": max_length}, set_)
-        check_file(file, parsed, console)
+        check_file(file, parsed, console, stage)
     except (RecipeError, DataError, ModelError) as exc:
         _fail(str(exc))
 

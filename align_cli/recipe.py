@@ -56,10 +56,25 @@ class ModelSection:
 
 
 @dataclass
+class SourceSection:
+    """One source of a mixture (data.train as a list); unset fields follow the data section."""
+
+    path: str = ""  # as data.train: a file, folder, saved data set or hub id
+    # its share: round(weight * its size) examples (< 1 takes a seeded subset, > 1 repeats it)
+    weight: float | None = None
+    max_examples: int | None = None  # at most this many examples (after weight)
+    split: str | None = None  # default data.hub_split
+    config: str | None = None  # default data.hub_config
+    columns: dict[str, str] = field(default_factory=dict)  # default data.columns
+    roles: dict[str, str] = field(default_factory=dict)  # default data.roles
+
+
+@dataclass
 class DataSection:
     # a file (.jsonl, .json array or lines, .parquet, .csv, .tsv), a folder of them, a datasets.save_to_disk
-    # folder, or a hub data set id (`name` or `name:split`)
-    train: str | None = None
+    # folder, or a hub data set id (`name` or `name:split`); or a mixture: a list of such sources, each a
+    # string or a mapping (path, weight, max_examples, split, config, columns, roles)
+    train: str | list[str | SourceSection] | None = None
     eval: str | None = None  # as train; else eval_fraction of train
     eval_fraction: float = 0.0
     hub_split: str = "train"
@@ -73,7 +88,8 @@ class DataSection:
     )
     # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
     template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
-    # the chat template: a Jinja file or a Jinja string; overrides the tokenizer's own. Without either, the
+    # the chat template: a name (chatml, zephyr, llama2, builtin), a Jinja file or a Jinja string; overrides
+    # the tokenizer's own. Without either, the
     # built-in template (<|role|>...<|end|>) is used, its markers registered as special tokens (new
     # embedding rows, trained) and <|end|> made a stop token. The template used is saved in final/.
     chat_template: str | None = None
@@ -249,11 +265,20 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     """Check ``value`` against type ``tp``; return it converted, or record an error."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        trials = []
         for option in typing.get_args(tp):
             trial: list[str] = []
             converted = _coerce(value, option, where, trial)
             if not trial:
                 return converted
+            trials.append((option, trial))
+        # a list or a mapping that fits the option of its own shape but for its contents: say what is wrong
+        for option, trial in trials:
+            shaped = isinstance(value, list) and typing.get_origin(option) is list
+            shaped |= isinstance(value, dict) and dataclasses.is_dataclass(option)
+            if shaped:
+                errors.extend(trial)
+                return None
         errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return None
     if tp is type(None):
@@ -438,6 +463,17 @@ def _check_values(r: Recipe) -> list[str]:
             "model.load_in_4bit/load_in_8bit: quantized base weights cannot be trained; set "
             "model.lora.enabled=true (QLoRA)"
         )
+    for i, source in enumerate(d.train if isinstance(d.train, list) else []):
+        if isinstance(source, SourceSection):
+            where = f"data.train[{i}]"
+            if not source.path:
+                errors.append(f"{where}.path: missing")
+            if source.weight is not None and not 0 <= source.weight < float("inf"):
+                errors.append(f"{where}.weight: must be a finite number >= 0, got {source.weight}")
+            if source.max_examples is not None and source.max_examples < 1:
+                errors.append(f"{where}.max_examples: must be >= 1, got {source.max_examples}")
+    if r.stage in ("ppo", "rejection-sample") and isinstance(d.train, list):
+        errors.append("data.train: a mixture of sources is for training data; prompts come from one source")
     if r.stage == "ppo" and (r.ppo.top_p < 1.0 or r.ppo.top_k > 0):
         errors.append(
             f"ppo.top_p={r.ppo.top_p}, ppo.top_k={r.ppo.top_k}: PPO's ratios and KL are computed on the full "

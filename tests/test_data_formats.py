@@ -245,3 +245,123 @@ def test_column_and_role_mapping_from_the_recipe(tiny_model: Path, tmp_path: Pat
     assert stats["train"].kept == 1
     options = ReadOptions(roles={"human": "user", "bot": "assistant"})
     assert load_records(str(data), options=options)[0].fields["messages"][1]["role"] == "assistant"
+
+
+# ----------------------------------------------------------------------------- item 5: chat templates
+
+
+def test_named_chat_templates_render_and_separate_prompt_from_response(tiny_model: Path):
+    from align_cli.data.templates import NAMED_CHAT_TEMPLATES, render_chat, settle_chat_template
+
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        USER,
+        BLUE,
+        {"role": "user", "content": "And at night?"},
+        GREEN,
+    ]
+    q, a1, a2 = "What colour is the sky?", "It is blue.", "It is green."
+    expected = {
+        "llama2": f"<|bos|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{q} [/INST] {a1} <|eos|>"
+        f"<|bos|>[INST] And at night? [/INST] {a2} <|eos|>",
+        "chatml": f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+        f"<|im_start|>assistant\n{a1}<|im_end|>\n<|im_start|>user\nAnd at night?<|im_end|>\n"
+        f"<|im_start|>assistant\n{a2}<|im_end|>\n",
+        "zephyr": f"<|system|>\nBe brief.<|eos|>\n<|user|>\n{q}<|eos|>\n<|assistant|>\n{a1}"
+        f"<|eos|>\n<|user|>\nAnd at night?<|eos|>\n<|assistant|>\n{a2}<|eos|>\n",
+    }
+    for name in NAMED_CHAT_TEMPLATES:
+        tok = AutoTokenizer.from_pretrained(tiny_model)
+        settle_chat_template(tok, name, needs_chat=True)
+        segments = render_chat(conversation, tok)
+        assert "".join(text for text, _ in segments) == tok.apply_chat_template(conversation, tokenize=False)
+        trained = [text for text, trainable in segments if trainable]
+        assert len(trained) == 2 and "It is blue." in trained[0] and "It is green." in trained[1], name
+        if name in expected:
+            assert tok.apply_chat_template(conversation, tokenize=False) == expected[name], name
+
+
+# ----------------------------------------------------------------------------- item 6: data check = training
+
+
+def test_data_check_reads_as_the_stage_trains(tiny_model: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from align_cli.cli import app
+
+    runner = CliRunner()
+    uf = write_jsonl(
+        tmp_path / "uf.jsonl",
+        [{"prompt": "p", "chosen": [USER, BLUE], "rejected": [USER, GREEN], "messages": [USER, BLUE]}],
+    )
+    for stage, kind in (("dpo", "preference"), ("sft", "messages")):
+        result = runner.invoke(
+            app,
+            ["data", "check", str(uf), "--model", str(tiny_model), "--stage", stage],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 0, result.output
+        assert f"(1 {kind}) for {stage}" in result.output and "as the model sees it" in result.output
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    result = runner.invoke(app, ["data", "check", str(alpaca), "--stage", "dpo"], env={"COLUMNS": "200"})
+    with pytest.raises(DataError) as training:
+        load_records(str(alpaca), "auto", PREFS)
+    assert result.exit_code == 2 and str(training.value).split(":", 1)[1][:60] in " ".join(
+        result.output.split()
+    )
+
+
+# ----------------------------------------------------------------------------- item 4: mixtures
+
+
+def test_a_weighted_three_source_mixture_trains_and_counts_each_source(
+    tiny_model: Path, tmp_path: Path, runs_dir
+):
+    import datasets
+
+    from align_cli.stages.sft import run_sft
+    from tests.helpers import quiet_console
+
+    chats = [
+        {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]}
+        for i in range(10)
+    ]
+    write_jsonl(tmp_path / "sharegpt.jsonl", chats)
+    pq.write_table(
+        pa.Table.from_pylist([{"q": f"Double {i}.", "a": str(2 * i)} for i in range(20)]),
+        tmp_path / "qa.parquet",
+    )
+    datasets.Dataset.from_list(ALPACA).save_to_disk(str(tmp_path / "alpaca"))
+    recipe_file = tmp_path / "mix.yaml"
+    recipe_file.write_text(
+        f"""stage: sft
+model: {{name_or_path: {tiny_model}}}
+data:
+  train:
+    - {{path: {tmp_path / "sharegpt.jsonl"}, weight: 0.5}}
+    - {{path: {tmp_path / "qa.parquet"}, max_examples: 5, columns: {{prompt: q, completion: a}}}}
+    - {{path: {tmp_path / "alpaca"}, weight: 2}}
+training: {{max_steps: 2, micro_batch_size: 4, save_every: null}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    summary = run_sft(load_recipe(recipe_file), console=quiet_console())
+    sources = summary["data"]["train"]["sources"]
+    assert sources == {
+        str(tmp_path / "sharegpt.jsonl"): {"read": 10, "taken": 5},
+        str(tmp_path / "qa.parquet"): {"read": 20, "taken": 5},
+        str(tmp_path / "alpaca"): {"read": 3, "taken": 6},
+    }
+    assert summary["data"]["train"]["read"] == 16 and summary["steps"] == 2
+
+
+def test_mixture_settings_are_checked_before_anything_runs(tmp_path: Path):
+    from align_cli.recipe import RecipeError
+
+    bad = ["data.train=[{path: a.jsonl, weight: -1}, {path: b.jsonl, max_examples: 0}, {weight: 1}]"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, sets=bad, stage="sft")
+    for expected in ("data.train[0].weight", "data.train[1].max_examples", "data.train[2].path: missing"):
+        assert expected in str(info.value)
+    with pytest.raises(RecipeError, match=r"data.train\[0\].colour: unknown key"):
+        load_recipe(None, sets=["data.train=[{path: a.jsonl, colour: red}]"], stage="sft")

@@ -34,6 +34,34 @@ BUILTIN_CHAT_TEMPLATE = (
 )
 BUILTIN_CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+# Widely used chat formats, by name (data.chat_template: chatml | zephyr | llama2 | builtin). Each is
+# prefix-stable (a longer conversation only appends), so prompt and response separate by rendering.
+NAMED_CHAT_TEMPLATES = {
+    # ChatML (Qwen, SmolLM2-Instruct, OpenHermes): <|im_start|>role ... <|im_end|>
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+        " + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # Zephyr (alignment-handbook): <|role|> headers, every turn ended by the tokenizer's EOS
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token"
+        " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    # Llama 2 chat: [INST] ... [/INST] answer EOS, the system prompt inside the first [INST] in <<SYS>>
+    "llama2": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ bos_token + '[INST] <<SYS>>\n' + message['content']"
+        " + '\n<</SYS>>\n\n' }}"
+        "{% elif message['role'] == 'user' %}"
+        "{% if loop.first or loop.previtem['role'] != 'system' %}{{ bos_token + '[INST] ' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "builtin": BUILTIN_CHAT_TEMPLATE,
+}
+
 Segment = tuple[str | list[int], bool]  # (text or token ids, trainable)
 
 
@@ -52,12 +80,18 @@ def default_template(kind: str) -> str:
 
 
 def load_chat_template(value: str) -> str:
-    """``data.chat_template``: the path of a Jinja file, or the Jinja text itself."""
+    """``data.chat_template``: a known name (``NAMED_CHAT_TEMPLATES``), the path of a Jinja file, or the
+    Jinja text itself."""
+    if value in NAMED_CHAT_TEMPLATES:
+        return NAMED_CHAT_TEMPLATES[value]
     if "{" in value:
         return value
     path = Path(value)
     if not path.is_file():
-        raise TemplateError(f"data.chat_template: {value!r} is neither a file nor a Jinja template string")
+        raise TemplateError(
+            f"data.chat_template: {value!r} is neither a known name ({', '.join(NAMED_CHAT_TEMPLATES)}), "
+            "a file, nor a Jinja template string"
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -80,10 +114,10 @@ def settle_chat_template(tokenizer: Any, chat_template: str | None, needs_chat: 
     else, when the data has chats (``needs_chat``), the built-in template, with its markers registered as
     special tokens. Returns the ids of tokens added to the vocabulary (``models.fit_vocabulary`` grows
     the embeddings to match)."""
-    if chat_template:
+    if chat_template and chat_template != "builtin":
         tokenizer.chat_template = load_chat_template(chat_template)
         return []
-    if tokenizer.chat_template or not needs_chat:
+    if (tokenizer.chat_template and not chat_template) or not needs_chat:
         return []
     before = len(tokenizer)
     tokenizer.add_tokens(list(BUILTIN_CHAT_MARKERS), special_tokens=True)

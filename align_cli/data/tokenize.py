@@ -20,18 +20,26 @@ class DataStats:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    # a mixture's sources: {path: {"read": records in it, "taken": records it gave (its share)}}
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "read": self.read,
             "kept": self.kept,
             "truncated": self.truncated,
             "dropped": dict(self.dropped),
         }
+        return out | ({"sources": self.sources} if self.sources else {})
 
     def describe(self) -> str:
         drops = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
-        return f"{self.read} read, {self.kept} kept, {self.truncated} truncated, dropped: {drops}"
+        text = f"{self.read} read, {self.kept} kept, {self.truncated} truncated, dropped: {drops}"
+        if len(self.sources) > 1 or any(c["read"] != c["taken"] for c in self.sources.values()):
+            text += "; sources: " + ", ".join(
+                f"{p} {c['taken']} of {c['read']}" for p, c in self.sources.items()
+            )
+        return text
 
 
 def segment_ids(piece: str | list[int], tokenizer: Any) -> list[int]:

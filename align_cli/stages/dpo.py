@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from align_cli.data.formats import load_records
+from align_cli.data.mixture import load_mixture
 from align_cli.data.preference import collate_responses, encode_preference
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
@@ -200,9 +201,9 @@ def prepare_dpo_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
     """Read, validate and tokenize train (and a separate eval file); the split comes later, after the
     reference log-probs of the whole file are attached (one cache entry per file)."""
     d = recipe.data
-    train, stats = tokenize(
-        load_records(d.train, d.format, PREFERENCE_KINDS, read_options(d)), tokenizer, recipe
-    )
+    records, sources = load_mixture(d.train, d.format, PREFERENCE_KINDS, d, recipe.training.seed)
+    train, stats = tokenize(records, tokenizer, recipe)
+    stats.sources = sources
     held, eval_stats = [], DataStats()
     if d.eval:
         held, eval_stats = tokenize(

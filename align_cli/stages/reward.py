@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from align_cli.data.formats import DataError, Record, load_records
+from align_cli.data.mixture import load_mixture
 from align_cli.data.preference import collate_responses, encode_preference, tokenize_preferences
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
@@ -83,9 +84,8 @@ def record_margins(records: list[Record], section: RewardSection) -> dict[str, f
     return margins
 
 
-def _load(source: str, recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, Any]], DataStats]:
+def _load(records: list[Record], recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, Any]], DataStats]:
     d = recipe.data
-    records = load_records(source, d.format, REWARD_KINDS, read_options(d))
     settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     margins = record_margins(records, recipe.reward)
     examples, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
@@ -97,9 +97,13 @@ def _load(source: str, recipe: Recipe, tokenizer: Any) -> tuple[list[dict[str, A
 def prepare_reward_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[str, DataStats]]:
     """Read, validate and tokenize train/eval preferences; nothing is dropped without a count."""
     d = recipe.data
-    train, stats = _load(d.train, recipe, tokenizer)
+    records, sources = load_mixture(d.train, d.format, REWARD_KINDS, d, recipe.training.seed)
+    train, stats = _load(records, recipe, tokenizer)
+    stats.sources = sources
     if d.eval:
-        held, eval_stats = _load(d.eval, recipe, tokenizer)
+        held, eval_stats = _load(
+            load_records(d.eval, d.format, REWARD_KINDS, read_options(d)), recipe, tokenizer
+        )
     else:
         train, held = split_holdout(train, d.eval_fraction, recipe.training.seed)
         eval_stats = DataStats(read=len(held), kept=len(held))

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from align_cli.data.collate import pad_collate, padding_free_collate
 from align_cli.data.formats import PREFERRED_FT_KINDS, SFT_KINDS, load_records
+from align_cli.data.mixture import load_mixture
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
@@ -47,9 +48,12 @@ def make_collate(pad_token_id: int, packing: bool):
 def prepare_sft_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[str, DataStats]]:
     """Read, validate and tokenize train/eval data; nothing is dropped without a count."""
     d = recipe.data
-    records = load_records(d.train, d.format, SFT_KINDS + PREFERRED_FT_KINDS, read_options(d))
+    records, sources = load_mixture(
+        d.train, d.format, SFT_KINDS + PREFERRED_FT_KINDS, d, recipe.training.seed
+    )
     settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
     train, stats = tokenize_sft(records, tokenizer, d.template, d.max_length, d.on_too_long)
+    stats.sources = sources
     if d.eval:
         eval_records = load_records(d.eval, d.format, SFT_KINDS + PREFERRED_FT_KINDS, read_options(d))
         settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, eval_records))
