@@ -6,6 +6,7 @@ every reader's errors still name the file and the row."""
 
 from __future__ import annotations
 
+import csv as csv_module
 import json
 from pathlib import Path
 
@@ -365,3 +366,15 @@ def test_mixture_settings_are_checked_before_anything_runs(tmp_path: Path):
         assert expected in str(info.value)
     with pytest.raises(RecipeError, match=r"data.train\[0\].colour: unknown key"):
         load_recipe(None, sets=["data.train=[{path: a.jsonl, colour: red}]"], stage="sft")
+
+
+def test_csv_cells_stay_text_and_json_cells_decode(tmp_path: Path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text('prompt,chosen,rejected,margin\nAdd 2 and 3.,5,6,0.5\n"Say ""hi"".",hi,"no, thanks",1\n')
+    records = load_records(str(csv), "auto", PREFS)
+    assert [r.fields["chosen"] for r in records] == ["5", "hi"]  # digits are an answer's text
+    assert [r.fields["margin"] for r in records] == [0.5, 1] and records[1].fields["rejected"] == "no, thanks"
+    chats = tmp_path / "chats.csv"
+    with chats.open("w", newline="") as handle:
+        csv_module.writer(handle).writerows([["messages"], [json.dumps([USER, BLUE])]])
+    assert load_records(str(chats))[0].fields["messages"] == [USER, BLUE]

@@ -76,11 +76,7 @@ def read_file(path: Path) -> list[Row]:
         table = _arrow(path, lambda: pq.read_table(path))
         return [(str(path), i + 1, row) for i, row in enumerate(table.to_pylist())]
     if suffix in (".csv", ".tsv"):
-        import pyarrow.csv as pcsv
-
-        parse = pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-        table = _arrow(path, lambda: pcsv.read_csv(path, parse_options=parse))
-        return [(str(path), i + 2, row) for i, row in enumerate(table.to_pylist())]
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
     raise DataError(
         f"{path}: unknown file type {suffix or '(none)'}; expected one of {', '.join(FILE_SUFFIXES)}"
     )
@@ -93,6 +89,37 @@ def _arrow(path: Path, read: Any) -> Any:
         return read()
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read it as {path.suffix[1:].upper()}: {exc}") from exc
+
+
+def _read_csv(path: Path, delimiter: str) -> list[Row]:
+    """CSV/TSV cells are text (a column of digits stays text: an answer "5" is not the number 5); a cell
+    holding a JSON list or object (messages) is decoded, and a ``margin`` cell read as a number."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    header = _arrow(path, lambda: pcsv.open_csv(path, parse_options=parse).schema.names)
+    convert = pcsv.ConvertOptions(
+        column_types={name: pa.string() for name in header}, strings_can_be_null=False
+    )
+    table = _arrow(path, lambda: pcsv.read_csv(path, parse_options=parse, convert_options=convert))
+    return [
+        (str(path), i + 2, {k: _csv_cell(k, v) for k, v in row.items()})
+        for i, row in enumerate(table.to_pylist())
+    ]
+
+
+def _csv_cell(key: str, value: str) -> Any:
+    from align_cli.data.formats import JSON_DECODER
+
+    if key == "margin" or value[:1] in ("[", "{"):
+        try:
+            decoded = JSON_DECODER.decode(value)
+        except ValueError:
+            return value
+        if isinstance(decoded, (list, dict)) or key == "margin":
+            return decoded
+    return value
 
 
 def _read_json(path: Path) -> list[Row]:
