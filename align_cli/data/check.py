@@ -74,7 +74,12 @@ def check_file(source: str, recipe: Recipe, console: Console, stage: str | None 
 
         raw, _ = tokenize_preferences(records, tokenizer, d.template, 10**9, 10**9)
         lengths = [e["length"] for e in raw]
-        _, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
+        if stage == "dpo":  # DPO's own length policy (data.on_too_long: drop drops every cut pair)
+            from align_cli.stages.dpo import tokenize as tokenize_dpo
+
+            _, stats = tokenize_dpo(records, tokenizer, recipe)
+        else:
+            _, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
         first = raw[0]
         shown = "\n[italic]-- next response --[/]\n".join(
             spans(first["prompt_ids"] + r, [False] * len(first["prompt_ids"]) + [True] * len(r), tokenizer)
