@@ -69,14 +69,10 @@ STAGE_RUNNERS = {
 
 
 def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRecipe:
-    import yaml
-
-    from align_cli.recipe import _apply, parse_override
+    from align_cli.recipe import _apply, parse_override, range_problems, read_yaml_mapping
 
     p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"pipeline recipe {p}: no such file")
-    tree = yaml.safe_load(p.read_text()) or {}
+    tree = read_yaml_mapping(p, "pipeline recipe")
     for item in sets or []:
         dotted, value = parse_override(item)
         _apply(tree, dotted, value)
@@ -91,8 +87,20 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
         if entry.name in names:
             errors.append(f"stages[{i}].name: {entry.name!r} is used twice")
         names.add(entry.name)
+        if entry.sweep is not None:
+            errors += range_problems(f"stages[{i}].sweep.values", entry.sweep.values, "finite")
+    ev = recipe.evaluate
+    if ev is not None:
+        errors += range_problems("evaluate.n", ev.n, "> 0")
+        errors += range_problems("evaluate.max_new_tokens", ev.max_new_tokens, "> 0")
+        errors += range_problems("evaluate.best_of_n", ev.best_of_n, "> 0")
     if errors:
         raise RecipeError(f"pipeline recipe {p}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    for name, entry, overrides, _ in expand(recipe.stages):  # every stage's recipe before any stage runs
+        try:
+            load_recipe(entry.recipe, None, overrides, stage=entry.stage)  # `@name` values stay unresolved
+        except RecipeError as exc:
+            raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
     return recipe
 
 
@@ -119,10 +127,12 @@ def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
 
 
 def _final_of(run_dir: Path) -> Path | None:
+    from align_cli.runs import read_json_object  # here: runs imports torch
+
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return None
-    data = json.loads(summary.read_text())
+    data = read_json_object(summary, f"delete {run_dir} to run this stage again")
     final = data.get("final_model") or (data.get("rounds") or [{}])[-1].get("policy_after")
     return Path(final) if final and Path(final).exists() else None
 
@@ -169,6 +179,7 @@ def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any
     """Run the pipeline, evaluate each method's policies and best-of-N; write frontier.csv/png/jsonl."""
     from align_cli.data.prompts import load_prompts
     from align_cli.evaluate import Evaluator, load_reward_fn
+    from align_cli.runs import read_json_object
 
     ev = recipe.evaluate
     if ev is None or not ev.prompts:
@@ -196,7 +207,7 @@ def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any
             for run in runs:
                 cached = cache_dir / f"{run}.json"
                 if cached.is_file():
-                    summary = json.loads(cached.read_text())
+                    summary = read_json_object(cached, f"delete it to evaluate {run} again")
                 else:
                     console.print(f"evaluating {run} ...")
                     summary, samples = evaluator.evaluate(str(finals[run]))
