@@ -85,11 +85,23 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:  # plain json would keep the last value, silently
+            raise ValueError(f"duplicate key {key!r} (which value is meant?)")
+        obj[key] = value
+    return obj
+
+
 def parse_json_line(text: str) -> Any:
     """json.loads that refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin
-    or score would turn the loss into NaN. Raises ValueError with the reason."""
+    or score would turn the loss into NaN; and a key given twice in one object (which value was meant?).
+    Raises ValueError with the reason."""
     try:
-        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        return json.loads(
+            text, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+        )
     except json.JSONDecodeError as exc:
         raise ValueError(f"{exc.msg} (column {exc.colno})") from None
     except RecursionError:
@@ -301,6 +313,8 @@ def load_records(
     allowed = tuple(allowed)
     is_file = source.endswith((".jsonl", ".json")) or Path(source).exists()
     rows = read_jsonl(source) if is_file else read_hub(source, hub_split)
+    if not rows:  # a file with no records is refused by read_jsonl; a hub split can be empty
+        raise DataError(f"{source}: no records")
     if kind == "auto":
         first = rows[0][1]
         kind = detect_kind(first) if isinstance(first, dict) else None
