@@ -96,11 +96,13 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
         errors += range_problems("evaluate.best_of_n", ev.best_of_n, "> 0")
     if errors:
         raise RecipeError(f"pipeline recipe {p}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
-    for name, entry, overrides, _ in expand(recipe.stages):  # every stage's recipe before any stage runs
+    finals: dict[str, Path] = {}  # every stage's recipe is checked before any stage runs
+    for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
         try:
-            load_recipe(entry.recipe, None, overrides, stage=entry.stage)  # `@name` values stay unresolved
+            load_recipe(entry.recipe, None, _resolve_sets(sets, finals), stage=entry.stage)
         except RecipeError as exc:
             raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
+        finals[name] = run_dir_of(Path(recipe.output), index, name) / "final"  # a stand-in for its output
     return recipe
 
 
@@ -117,6 +119,10 @@ def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], 
     return runs
 
 
+def run_dir_of(root: Path, index: int, name: str) -> Path:
+    return root / f"{index:02d}-{name}"
+
+
 def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
     if value.startswith("@"):
         name = value[1:]
@@ -124,6 +130,15 @@ def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
             raise RecipeError(f"{value}: no earlier stage is named {name!r}")
         return str(finals[name])
     return value
+
+
+def _resolve_sets(sets: list[str], finals: dict[str, Path]) -> list[str]:
+    """``key=@name`` -> ``key=<that stage's final model>``."""
+    resolved = []
+    for item in sets:
+        key, _, value = item.partition("=")
+        resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
+    return resolved
 
 
 def _final_of(run_dir: Path) -> Path | None:
@@ -146,20 +161,16 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline
     finals: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
-        run_dir = root / f"{index:02d}-{name}"
+        run_dir = run_dir_of(root, index, name)
         done = _final_of(run_dir)
         if done is not None:
             console.print(f"[dim]pipeline: {name} already finished ({run_dir}); not run again[/]")
             finals[name] = done
             continue
-        resolved = []
-        for item in sets:
-            key, _, value = item.partition("=")
-            resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
         stage_recipe = load_recipe(
             entry.recipe,
             {"output.dir": str(run_dir)},
-            [*resolved, "output.overwrite=true"],
+            [*_resolve_sets(sets, finals), "output.overwrite=true"],
             stage=entry.stage,
         )
         console.rule(f"pipeline: {name} ({entry.stage})")

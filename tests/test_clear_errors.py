@@ -109,6 +109,10 @@ def test_issue15_item9_pipeline_recipe_numbers_are_checked(tmp_path: Path):
         and f"pipeline recipe {path}: stage dpo: recipe: 1 problem(s): - dpo.beta: must be > 0" in text
     )
     assert not (tmp_path / "out").exists()
+    stages[1]["set"] = ["model.name_or_path=@nope"]  # so is every `@name`
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "out"), "stages": stages}))
+    with pytest.raises(RecipeError, match="stage dpo: @nope: no earlier stage is named 'nope'"):
+        load_pipeline(path)
 
 
 # ----------------------------------------------------------------------------- item 10: records
