@@ -91,7 +91,9 @@ def _setup_logging() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape  # "[...]" in a message (a YAML list, a key[0]) is text, not markup
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -109,13 +111,7 @@ def _run_stage(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Flags -> recipe overrides; run the stage; known errors become one red line and exit code 2."""
-    from align_cli.data.formats import DataError
-    from align_cli.data.templates import TemplateError
-    from align_cli.engine.checkpoint import CheckpointError
-    from align_cli.engine.loop import NonFiniteError
     from align_cli.engine.signals import StoppedBySignal
-    from align_cli.models import ModelError
-    from align_cli.runs import RunDirError
 
     _setup_logging()
     overrides = {
@@ -129,15 +125,7 @@ def _run_stage(
     try:
         parsed = load_recipe(recipe, overrides, sets, stage=stage)
         runner(parsed, resume=resume, console=console)
-    except (
-        RecipeError,
-        DataError,
-        TemplateError,
-        ModelError,
-        RunDirError,
-        CheckpointError,
-        NonFiniteError,
-    ) as exc:
+    except _known_errors() as exc:
         _fail(str(exc))
     except StoppedBySignal as stopped:  # a requested stop with a checkpoint saved is a clean exit
         console.print(f"[bold yellow]{stopped}[/]")
@@ -145,6 +133,18 @@ def _run_stage(
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """Bad input or a known fault, each with a message that names what and where: one red line, exit 2."""
+    from align_cli.data.formats import DataError
+    from align_cli.data.templates import TemplateError
+    from align_cli.engine.checkpoint import CheckpointError
+    from align_cli.engine.loop import NonFiniteError
+    from align_cli.models import ModelError
+    from align_cli.runs import RunDirError
+
+    return (RecipeError, DataError, TemplateError, ModelError, RunDirError, CheckpointError, NonFiniteError)
 
 
 def resume_command(stage: str, run_dir: Path) -> str:
@@ -275,18 +275,11 @@ def reward_score(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
 ) -> None:
     """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
-    from align_cli.data.formats import DataError
-    from align_cli.data.templates import TemplateError
-    from align_cli.models import ModelError
     from align_cli.stages.reward import run_score
 
-    _setup_logging()
     if template is not None and template not in ("auto", "alpaca", "chat", "plain"):
         _fail(f"--template {template!r}: choose one of auto, alpaca, chat, plain")
-    try:
-        run_score(model, data, out, template, max_length, batch_size)
-    except (RecipeError, DataError, TemplateError, ModelError) as exc:
-        _fail(str(exc))
+    _guarded(lambda: run_score(model, data, out, template, max_length, batch_size))
 
 
 @app.command(
@@ -431,7 +424,10 @@ def pipeline(
     """Run the stages a pipeline recipe lists (e.g. sft -> reward -> dpo / ppo), chaining outputs.
 
     Each stage runs in its own directory under `output`; a finished stage is not run again, so an
-    interrupted pipeline continues where it stopped. `@name` in a value means that stage's final model."""
+    interrupted pipeline continues where it stopped. `@name` in a value means that stage's final model.
+
+    A recipe's evaluate.ground_truth (`file.py:function`, used by `align frontier`) is code: align imports
+    it and runs it as Python code with your rights; run only recipes whose code you trust."""
     from align_cli.pipeline import load_pipeline, run_pipeline
 
     _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console))
@@ -449,7 +445,10 @@ def frontier(
 
     As in the DPO paper's Figure 2 (left): ground-truth reward against KL(policy || reference) for DPO
     over several beta, PPO over several KL coefficients, best-of-N over several N, Preferred-FT and
-    the SFT start."""
+    the SFT start.
+
+    evaluate.ground_truth (`file.py:function` or `module:function`) is code: align imports it and runs it
+    as Python code with your rights; run only recipes whose code you trust."""
     from align_cli.pipeline import load_pipeline, run_frontier
 
     _guarded(lambda: run_frontier(load_pipeline(recipe, set_), console))
@@ -467,7 +466,11 @@ def eval_command(
     prompts: Annotated[str, typer.Option("--prompts", help="Held-out prompt JSONL.")],
     ground_truth: Annotated[
         str | None,
-        typer.Option("--ground-truth", help="module:function or file.py:function, text -> reward."),
+        typer.Option(
+            "--ground-truth",
+            help="module:function or file.py:function, text -> reward. This is code: align imports it and "
+            "runs it as Python code with your rights; name only code you trust.",
+        ),
     ] = None,
     reward_model: Annotated[
         str | None, typer.Option("--reward-model", help="Reward model for scores and win rate.")
@@ -509,17 +512,12 @@ def eval_command(
 
 def _guarded(action: Any) -> None:
     """Run ``action``; known errors become one red line and exit code 2."""
-    from align_cli.data.formats import DataError
-    from align_cli.data.templates import TemplateError
-    from align_cli.engine.checkpoint import CheckpointError
-    from align_cli.engine.loop import NonFiniteError
     from align_cli.engine.signals import StoppedBySignal
-    from align_cli.models import ModelError
 
     _setup_logging()
     try:
         action()
-    except (RecipeError, DataError, TemplateError, ModelError, CheckpointError, NonFiniteError) as exc:
+    except _known_errors() as exc:
         _fail(str(exc))
     except StoppedBySignal as stopped:
         console.print(f"[bold yellow]{stopped}[/]")
@@ -681,15 +679,9 @@ def data_check(
     """Validate a data file as training reads it; show one record as the model sees it, token-length
     percentiles and what max length would cut."""
     from align_cli.data.check import check_file
-    from align_cli.data.formats import DataError
-    from align_cli.models import ModelError
 
-    _setup_logging()
-    try:
-        parsed = load_recipe(recipe, {"model.name_or_path": model, "data.max_length": max_length}, set_)
-        check_file(file, parsed, console, stage)
-    except (RecipeError, DataError, ModelError) as exc:
-        _fail(str(exc))
+    overrides = {"model.name_or_path": model, "data.max_length": max_length}
+    _guarded(lambda: check_file(file, load_recipe(recipe, overrides, set_), console, stage))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import reprlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,9 @@ from align_cli.stages.rejection_sampling import best_of_n_weights
 def load_reward_fn(spec: str) -> Callable[[str], float]:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function (text -> float).
 
-    This is the one place a recipe names Python code: the ground-truth reward for evaluation."""
+    This is the one place a recipe names Python code: the ground-truth reward for evaluation. Importing
+    it runs that code with the user's rights. The function returned refuses, in one line naming ``spec``
+    and the sample, an exception of the function or a result that is not a finite number."""
     if ":" not in spec:
         raise RecipeError(f"ground truth {spec!r}: expected module:function or file.py:function")
     module_name, function = spec.rsplit(":", 1)
@@ -48,9 +51,38 @@ def load_reward_fn(spec: str) -> Callable[[str], float]:
             if str(Path.cwd()) not in sys.path:
                 sys.path.insert(0, str(Path.cwd()))
             module = importlib.import_module(module_name)
-        return getattr(module, function)
-    except (ImportError, AttributeError, FileNotFoundError) as exc:
-        raise RecipeError(f"ground truth {spec!r}: cannot load: {exc}") from exc
+        fn = getattr(module, function)
+    except Exception as exc:  # the module is the user's code: any error at import is theirs to see
+        raise RecipeError(f"ground truth {spec!r}: cannot load: {type(exc).__name__}: {exc}") from exc
+    if not callable(fn):
+        raise RecipeError(f"ground truth {spec!r}: {function} is not a function")
+
+    def checked(text: str) -> float:
+        sample = repr(text if len(text) <= 80 else text[:77] + "...")
+        try:
+            value = fn(text)
+        except Exception as exc:
+            raise RecipeError(
+                f"ground truth {spec} raised {type(exc).__name__}: {exc} on sample {sample}"
+            ) from exc
+        number = _as_number(value)
+        if number is None or not math.isfinite(number):
+            raise RecipeError(
+                f"ground truth {spec} returned {reprlib.repr(value)} for sample {sample}; expected a finite "
+                "number"
+            )
+        return number
+
+    return checked
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, (str, bytes)):  # float("0.5") would pass, but text is not a reward
+        return None
+    try:
+        return float(value)  # int, float, bool, numpy and one-element torch numbers
+    except (TypeError, ValueError):
+        return None
 
 
 # Samples are drawn from pi itself, and the KL is computed on the same distribution: one temperature,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align_cli.models import DTYPES, ModelError, is_adapter_dir, load_merged, save_model
+from align_cli.models import DTYPES, ModelError, is_adapter_dir, load_merged, pickle_hint, save_model
 
 
 def export_model(
@@ -45,7 +45,7 @@ def export_model(
             load_merged(model_dir, auto, **kwargs) if adapter else auto.from_pretrained(model_dir, **kwargs)
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_dir}: could not load: {exc}") from exc
+        raise ModelError(f"{model_dir}: could not load: {exc}{pickle_hint(model_dir)}") from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     save_model(model, tokenizer, out)

@@ -25,9 +25,9 @@ class ModelError(ValueError):
     """A model or tokenizer that cannot be loaded or used."""
 
 
-def _pickle_hint(section: ModelSection) -> str:
+def pickle_hint(model: ModelSection | Path) -> str:
     """Why a directory holding only pickled weights (.bin/.pt) is refused, and what to do."""
-    folder = Path(str(section.name_or_path))
+    folder = model if isinstance(model, Path) else Path(str(model.name_or_path))
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return ""
     if not any(folder.glob(pattern) for pattern in ("*.bin", "*.pt", "*.pth")):
@@ -115,6 +115,9 @@ def load_merged(adapter_dir: str | Path, auto_class: Any, **kwargs: Any) -> nn.M
     (and, for a reward model, the trained score head that peft saved beside the adapter)."""
     from peft import PeftConfig, PeftModel
 
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_model.bin").is_file():
+        raise ModelError("its adapter weights are pickled (adapter_model.bin)")  # callers add pickle_hint()
     config = PeftConfig.from_pretrained(str(adapter_dir))
     base = auto_class.from_pretrained(_local(config.base_model_name_or_path), **kwargs)
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():  # tokens added while training the adapter
@@ -170,7 +173,7 @@ def load_causal_lm(section: ModelSection, tokenizer: Any = None) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(_local(section.name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(
-            f"model {section.name_or_path!r}: could not load: {exc}{_pickle_hint(section)}"
+            f"model {section.name_or_path!r}: could not load: {exc}{pickle_hint(section)}"
         ) from exc
     model.config.use_cache = False  # training never reuses past keys; generation turns it back on
     return _prepare_for_training(model, section, tokenizer=tokenizer)
@@ -368,7 +371,7 @@ def load_reward_model(
             )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(
-            f"model {section.name_or_path!r}: could not load as a reward model: {exc}{_pickle_hint(section)}"
+            f"model {section.name_or_path!r}: could not load as a reward model: {exc}{pickle_hint(section)}"
         ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -69,14 +69,10 @@ STAGE_RUNNERS = {
 
 
 def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRecipe:
-    import yaml
-
-    from align_cli.recipe import _apply, parse_override
+    from align_cli.recipe import _apply, parse_override, range_problems, read_yaml_mapping
 
     p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"pipeline recipe {p}: no such file")
-    tree = yaml.safe_load(p.read_text()) or {}
+    tree = read_yaml_mapping(p, "pipeline recipe")
     for item in sets or []:
         dotted, value = parse_override(item)
         _apply(tree, dotted, value)
@@ -91,8 +87,22 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
         if entry.name in names:
             errors.append(f"stages[{i}].name: {entry.name!r} is used twice")
         names.add(entry.name)
+        if entry.sweep is not None:
+            errors += range_problems(f"stages[{i}].sweep.values", entry.sweep.values, "finite")
+    ev = recipe.evaluate
+    if ev is not None:
+        errors += range_problems("evaluate.n", ev.n, "> 0")
+        errors += range_problems("evaluate.max_new_tokens", ev.max_new_tokens, "> 0")
+        errors += range_problems("evaluate.best_of_n", ev.best_of_n, "> 0")
     if errors:
         raise RecipeError(f"pipeline recipe {p}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+    finals: dict[str, Path] = {}  # every stage's recipe is checked before any stage runs
+    for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
+        try:
+            load_recipe(entry.recipe, None, _resolve_sets(sets, finals), stage=entry.stage)
+        except RecipeError as exc:
+            raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
+        finals[name] = run_dir_of(Path(recipe.output), index, name) / "final"  # a stand-in for its output
     return recipe
 
 
@@ -109,6 +119,10 @@ def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], 
     return runs
 
 
+def run_dir_of(root: Path, index: int, name: str) -> Path:
+    return root / f"{index:02d}-{name}"
+
+
 def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
     if value.startswith("@"):
         name = value[1:]
@@ -118,11 +132,22 @@ def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
     return value
 
 
+def _resolve_sets(sets: list[str], finals: dict[str, Path]) -> list[str]:
+    """``key=@name`` -> ``key=<that stage's final model>``."""
+    resolved = []
+    for item in sets:
+        key, _, value = item.partition("=")
+        resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
+    return resolved
+
+
 def _final_of(run_dir: Path) -> Path | None:
+    from align_cli.runs import read_json_object  # here: runs imports torch
+
     summary = run_dir / "summary.json"
     if not summary.is_file():
         return None
-    data = json.loads(summary.read_text())
+    data = read_json_object(summary, f"delete {run_dir} to run this stage again")
     final = data.get("final_model") or (data.get("rounds") or [{}])[-1].get("policy_after")
     return Path(final) if final and Path(final).exists() else None
 
@@ -136,20 +161,16 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline
     finals: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
-        run_dir = root / f"{index:02d}-{name}"
+        run_dir = run_dir_of(root, index, name)
         done = _final_of(run_dir)
         if done is not None:
             console.print(f"[dim]pipeline: {name} already finished ({run_dir}); not run again[/]")
             finals[name] = done
             continue
-        resolved = []
-        for item in sets:
-            key, _, value = item.partition("=")
-            resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
         stage_recipe = load_recipe(
             entry.recipe,
             {"output.dir": str(run_dir)},
-            [*resolved, "output.overwrite=true"],
+            [*_resolve_sets(sets, finals), "output.overwrite=true"],
             stage=entry.stage,
         )
         console.rule(f"pipeline: {name} ({entry.stage})")
@@ -169,6 +190,7 @@ def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any
     """Run the pipeline, evaluate each method's policies and best-of-N; write frontier.csv/png/jsonl."""
     from align_cli.data.prompts import load_prompts
     from align_cli.evaluate import Evaluator, load_reward_fn
+    from align_cli.runs import read_json_object
 
     ev = recipe.evaluate
     if ev is None or not ev.prompts:
@@ -196,7 +218,7 @@ def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any
             for run in runs:
                 cached = cache_dir / f"{run}.json"
                 if cached.is_file():
-                    summary = json.loads(cached.read_text())
+                    summary = read_json_object(cached, f"delete it to evaluate {run} again")
                 else:
                     console.print(f"evaluating {run} ...")
                     summary, samples = evaluator.evaluate(str(finals[run]))

@@ -8,6 +8,7 @@ once, so a user fixes a recipe in one go. Overrides use dotted keys: ``--set tra
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -346,12 +347,75 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
     return instance
 
 
+# A recipe holds a few hundred values. YAML aliases (*name) count once per use, so an "alias bomb" (each
+# level a list of aliases of the one before: 400 bytes, a billion values once expanded) is refused while
+# it is still a small graph of shared nodes, before anything walks or copies it.
+MAX_YAML_VALUES = 10_000
+
+
+def _too_many_values(root: yaml.Node) -> bool:
+    todo, seen = [root], 0
+    while todo and seen <= MAX_YAML_VALUES:
+        node = todo.pop()
+        seen += 1
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            todo.extend(part for pair in node.value for part in pair)
+    return seen > MAX_YAML_VALUES
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own message spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.context + ': ' if exc.context else ''}{exc.problem}{at}"
+    return " ".join(str(exc).split())
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` as YAML (plain data types only). Bad YAML and alias bombs are a one-line RecipeError
+    naming ``source``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if _too_many_values(root):
+            raise RecipeError(
+                f"{source}: over {MAX_YAML_VALUES} values once its YAML aliases (*name) are expanded; refused"
+            )
+        return loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file ``path`` (a ``what``: "recipe", "pipeline recipe")."""
+    source = f"{what} {path}"
+    if not path.is_file():
+        raise RecipeError(f"{source}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{source}: not valid UTF-8 (byte {exc.start})") from None
+    loaded = parse_yaml(text, source) or {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"{source}: the top level must be a mapping of sections (key: value)")
+    return loaded
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], yaml value of c)."""
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set training.lr=1e-5")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), parse_yaml(raw, f"--set {item}") if raw.strip() else None
 
 
 def _apply(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
@@ -397,18 +461,7 @@ def load_recipe(
 ) -> Recipe:
     """Read a recipe YAML, apply flag ``overrides`` (dotted key -> value, None = not given),
     then ``--set`` items, and validate the result. Raises RecipeError listing every problem."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe {p}: no such file")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {p}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"recipe {p}: the top level must be a mapping of sections")
-        tree = loaded
+    tree = read_yaml_mapping(Path(path), "recipe") if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             _apply(tree, key.split("."), value)
@@ -430,31 +483,111 @@ def load_recipe(
     return recipe
 
 
+def range_problems(key: str, value: Any, rule: str, note: str = "") -> list[str]:
+    """Problems of a number (or of each number of a list or mapping) under ``rule``: "> 0", ">= 0",
+    an interval such as "[0, 1)", or "finite". NaN and inf fail every rule; null passes (a field that
+    may be null says what null means). ``note`` is added to the message, e.g. what null means."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in range_problems(f"{key}[{i}]", v, rule, note)]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in range_problems(f"{key}.{k}", v, rule, note)]
+    finite = isinstance(value, int) or math.isfinite(value)  # a huge int would overflow math.isfinite
+    if rule == "finite":
+        inside, wanted = finite, "a finite number"
+    elif rule[0] in "[(":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        above = low <= value if rule[0] == "[" else low < value
+        below = value <= high if rule[-1] == "]" else value < high
+        inside, wanted = finite and above and below, f"in {rule}"
+    else:
+        op, bound = rule.split()
+        inside, wanted = finite and (value > float(bound) if op == ">" else value >= float(bound)), rule
+    if inside:
+        return []
+    if not finite and rule != "finite":
+        wanted = f"a finite number {wanted}"
+    return [f"{key}: must be {wanted}{note}, got {value}"]
+
+
+def _number_rules(r: Recipe) -> list[tuple[str, Any, str]]:
+    """(key, value, rule) for every number of a recipe; counts are > 0."""
+    t, d, m, p, j = r.training, r.data, r.model, r.ppo, r.rejection
+    return [
+        ("model.lora.r", m.lora.r, "> 0"),
+        ("model.lora.alpha", m.lora.alpha, "> 0"),
+        ("model.lora.dropout", m.lora.dropout, "[0, 1)"),
+        ("data.eval_fraction", d.eval_fraction, "[0, 1)"),
+        ("data.max_length", d.max_length, "> 0"),
+        ("data.max_prompt_length", d.max_prompt_length, "> 0"),
+        ("training.epochs", t.epochs, "> 0"),
+        ("training.max_steps", t.max_steps, "> 0"),
+        ("training.micro_batch_size", t.micro_batch_size, "> 0"),
+        ("training.grad_accum", t.grad_accum, "> 0"),
+        # lr 0 trains nothing while looking like a run: surely a mistake (`align eval` measures a model)
+        ("training.lr", t.lr, "> 0"),
+        ("training.weight_decay", t.weight_decay, ">= 0"),
+        ("training.adam_betas", t.adam_betas, "[0, 1)"),
+        ("training.adam_eps", t.adam_eps, "> 0"),
+        ("training.warmup_ratio", t.warmup_ratio, "[0, 1]"),
+        ("training.warmup_steps", t.warmup_steps, ">= 0"),
+        ("training.min_lr_ratio", t.min_lr_ratio, "[0, 1]"),
+        ("training.log_every", t.log_every, "> 0"),
+        ("training.keep_last", t.keep_last, "> 0"),
+        ("reward.margins", r.reward.margins, ">= 0"),
+        ("reward.center_coef", r.reward.center_coef, ">= 0"),
+        ("dpo.beta", r.dpo.beta, "> 0"),
+        ("dpo.label_smoothing", r.dpo.label_smoothing, "[0, 0.5)"),
+        ("rejection.max_prompts", j.max_prompts, "> 0"),
+        ("rejection.n", j.n, "> 0"),
+        ("rejection.max_new_tokens", j.max_new_tokens, "> 0"),
+        ("rejection.temperature", j.temperature, ">= 0"),  # 0: greedy
+        ("rejection.top_p", j.top_p, "(0, 1]"),
+        ("rejection.top_k", j.top_k, ">= 0"),
+        ("rejection.prompts_per_batch", j.prompts_per_batch, "> 0"),
+        ("rejection.score_batch_size", j.score_batch_size, "> 0"),
+        ("rejection.keep", j.keep, "> 0"),
+        ("rejection.threshold", j.threshold, "finite"),
+        ("rejection.rounds", j.rounds, "> 0"),
+        ("rejection.eval_n", j.eval_n, "> 0"),
+        ("ppo.iterations", p.iterations, "> 0"),
+        ("ppo.rollout_batch_size", p.rollout_batch_size, "> 0"),
+        ("ppo.mini_batch_size", p.mini_batch_size, "> 0"),
+        ("ppo.ppo_epochs", p.ppo_epochs, "> 0"),
+        ("ppo.max_new_tokens", p.max_new_tokens, "> 0"),
+        ("ppo.top_p", p.top_p, "(0, 1]"),
+        ("ppo.top_k", p.top_k, ">= 0"),
+        ("ppo.kl_coef", p.kl_coef, ">= 0"),
+        ("ppo.kl_target", p.kl_target, "> 0"),
+        ("ppo.kl_horizon", p.kl_horizon, "> 0"),
+        ("ppo.gamma", p.gamma, "[0, 1]"),
+        ("ppo.lam", p.lam, "[0, 1]"),
+        ("ppo.cliprange", p.cliprange, "> 0"),
+        ("ppo.cliprange_value", p.cliprange_value, "> 0"),
+        ("ppo.vf_coef", p.vf_coef, ">= 0"),
+        ("ppo.score_clip", p.score_clip, "> 0"),
+        ("ppo.missing_eos_penalty", p.missing_eos_penalty, "finite"),
+        ("ppo.ptx_coef", p.ptx_coef, ">= 0"),
+        ("ppo.ptx_batch_size", p.ptx_batch_size, "> 0"),
+        ("ppo.log_samples", p.log_samples, ">= 0"),
+    ]
+
+
 def _check_values(r: Recipe) -> list[str]:
-    errors = []
-    t, d = r.training, r.data
-    positive = {
-        "training.micro_batch_size": t.micro_batch_size,
-        "training.grad_accum": t.grad_accum,
-        "training.log_every": t.log_every,
-        "training.keep_last": t.keep_last,
-        "data.max_length": d.max_length,
-    }
-    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v is not None and v <= 0]
-    if t.lr is not None and t.lr < 0:
-        errors.append(f"training.lr: must be >= 0, got {t.lr}")
-    if not 0.0 <= (d.eval_fraction or 0.0) < 1.0:
-        errors.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
-    if t.max_steps is not None and t.max_steps <= 0:
-        errors.append(f"training.max_steps: must be > 0, got {t.max_steps}")
-    if t.epochs is not None and t.epochs <= 0:
-        errors.append(f"training.epochs: must be > 0, got {t.epochs}")
+    """Every number in its range, checked where it is declared, before anything is loaded or created."""
+    errors = [e for key, value, rule in _number_rules(r) for e in range_problems(key, value, rule)]
+    t, d, p = r.training, r.data, r.ppo
+    errors += range_problems("training.max_grad_norm", t.max_grad_norm, "> 0", " (or null: no clipping)")
+    if p.rollout_batch_size > 0 and p.mini_batch_size > p.rollout_batch_size:
+        errors.append(
+            f"ppo.mini_batch_size: must be <= ppo.rollout_batch_size ({p.rollout_batch_size}), "
+            f"got {p.mini_batch_size}"
+        )
     if len(t.adam_betas or []) != 2:
         errors.append(f"training.adam_betas: expected two numbers, got {t.adam_betas}")
     if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
         errors.append("data.max_prompt_length: must be smaller than data.max_length")
-    if r.reward.center_coef is not None and r.reward.center_coef < 0:
-        errors.append(f"reward.center_coef: must be >= 0, got {r.reward.center_coef}")
     m = r.model
     if m.load_in_4bit and m.load_in_8bit:
         errors.append("model.load_in_4bit, model.load_in_8bit: choose one")
@@ -479,10 +612,7 @@ def _check_values(r: Recipe) -> list[str]:
             f"ppo.top_p={r.ppo.top_p}, ppo.top_k={r.ppo.top_k}: PPO's ratios and KL are computed on the full "
             "distribution at ppo.temperature, so rollouts must be sampled from it; use top_p 1.0 and top_k 0"
         )
-    if r.stage == "ppo" and r.ppo.temperature <= 0:
-        errors.append(f"ppo.temperature: must be > 0 (PPO samples from the policy), got {r.ppo.temperature}")
-    if r.dpo.beta is not None and r.dpo.beta <= 0:
-        errors.append(f"dpo.beta: must be > 0, got {r.dpo.beta}")
-    if r.dpo.label_smoothing is not None and not 0.0 <= r.dpo.label_smoothing < 0.5:
-        errors.append(f"dpo.label_smoothing: must be in [0, 0.5), got {r.dpo.label_smoothing}")
+    sampled = r.stage == "ppo"  # PPO samples from the policy; elsewhere 0 means greedy
+    note = " (PPO samples from the policy)" if sampled else ""
+    errors += range_problems("ppo.temperature", r.ppo.temperature, "> 0" if sampled else ">= 0", note)
     return errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -15,6 +16,7 @@ import torch
 from align_cli.engine.checkpoint import checkpoint_dirs, latest_checkpoint
 
 FINAL = "final"
+log = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
@@ -43,11 +45,30 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def read_json_object(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON object align wrote (summary.json, latest.json); RunDirError in one line, ending with
+    ``hint`` (what to do), when a kill or a full disk left it cut off or it is corrupt."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise RunDirError(f"{path}: not valid JSON, cut off or corrupt ({exc}); {hint}") from None
+    if not isinstance(loaded, dict):
+        raise RunDirError(f"{path}: not a JSON object, corrupt; {hint}")
+    return loaded
+
+
+LATEST_HINT = "delete it (it only names the latest run of each stage) or name the model to use"
+
+
 def record_output(stage: str, final_dir: Path) -> None:
     """Remember ``final_dir`` as the latest output of ``stage`` for the next stage to chain from."""
     index = runs_root() / "latest.json"
     index.parent.mkdir(parents=True, exist_ok=True)
-    known = json.loads(index.read_text()) if index.exists() else {}
+    try:
+        known = read_json_object(index, "writing it afresh") if index.exists() else {}
+    except RunDirError as exc:  # a finished run is not failed by its bookkeeping
+        log.warning("%s", exc)
+        known = {}
     known[stage] = str(final_dir.resolve())
     tmp = index.with_suffix(".tmp")
     tmp.write_text(json.dumps(known, indent=1))
@@ -59,7 +80,7 @@ def last_output(stage: str) -> Path | None:
     index = runs_root() / "latest.json"
     if not index.exists():
         return None
-    path = json.loads(index.read_text()).get(stage)
+    path = read_json_object(index, LATEST_HINT).get(stage)
     return Path(path) if path and Path(path).is_dir() else None
 
 

@@ -85,9 +85,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:  # plain json would keep the last value, silently
+            raise ValueError(f"duplicate key {key!r} (which value is meant?)")
+        obj[key] = value
+    return obj
+
+
 # refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin or score would turn
-# the loss into NaN
-JSON_DECODER = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+# the loss into NaN; and a key given twice in one object (which value was meant?)
+JSON_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+)
 
 
 def parse_json_line(text: str) -> Any:
@@ -333,7 +344,7 @@ def load_records(
         (where, line, normalize(obj, options.columns, options.roles))
         for where, line, obj in read_rows(source, options)
     ]
-    if not rows:
+    if not rows:  # a file with no records is refused by its reader; a hub split can be empty
         raise DataError(f"{source}: no records")
     if kind == "auto":
         where, line, first = rows[0]

@@ -49,8 +49,8 @@ def take_share(
 def load_mixture(
     train: str | list, kind: str, allowed: Iterable[str], data: Any, seed: int
 ) -> tuple[list[Record], dict[str, dict[str, int]]]:
-    """Every record of ``train`` (one source, or a list of sources with shares) and, per source, how
-    many it held and how many were taken: {path: {"read": n, "taken": m}}."""
+    """Every record of ``train`` (one source, or a list of sources with shares) and, for a list, per
+    source how many it held and how many were taken: {path: {"read": n, "taken": m}} ({} for one source)."""
     sources = train if isinstance(train, list) else [train]
     if not sources:
         raise DataError("data.train: an empty list of sources")
@@ -64,4 +64,4 @@ def load_mixture(
         name = path if path not in counts else f"{path} ({index + 1})"
         counts[name] = {"read": len(found), "taken": len(taken)}
         records += taken
-    return records, counts
+    return records, counts if isinstance(train, list) else {}

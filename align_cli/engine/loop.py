@@ -78,6 +78,16 @@ def check_finite(loss: float, grad_norm: float, where: str, scaler: Any = None) 
     )
 
 
+def nan_context(wheres: list[str | None], settings: dict[str, Any], what: str = "records") -> str:
+    """Where to look after a non-finite loss: the batch's records (file:line) and the recipe settings
+    that can cause one (an lr too high, fp16 overflow, an extreme dpo.beta or margin...)."""
+    unique = list(dict.fromkeys(w for w in wheres if w))
+    more = f" and {len(unique) - 8} more" if len(unique) > 8 else ""
+    named = f"{what}: {', '.join(unique[:8])}{more}; " if unique else ""
+    keys = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return f"{named}recipe keys that can cause it: {keys}"
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -88,6 +98,8 @@ class StageSpec:
     # tokens or pairs) and "tokens" (non-pad tokens, for throughput)
     compute_loss: LossFn
     eval_examples: list[dict[str, Any]] = field(default_factory=list)
+    # recipe settings of the loss (key -> value), named with training.lr and precision when it is NaN/inf
+    loss_settings: dict[str, Any] = field(default_factory=dict)
     # stage state saved in checkpoints (e.g. a KL controller): get() -> dict, set(dict)
     get_state: Callable[[], dict[str, Any]] = dict
     set_state: Callable[[dict[str, Any]], None] = lambda state: None
@@ -368,14 +380,17 @@ class Trainer:
                     try:
                         row = self.train_step(model, batches, step + 1)
                     except NonFiniteError as exc:
+                        wheres = [spec.train_examples[i].get("where") for m in micro for i in m]
+                        settings = {"training.lr": t.lr, "training.precision": t.precision}
+                        context = nan_context(wheres, settings | spec.loss_settings)
                         if t.nan_policy != "skip":
-                            message = f"{exc}; {last_good_checkpoint(self.run_dir)}"
+                            message = f"{exc}; {context}; {last_good_checkpoint(self.run_dir)}"
                             raise NonFiniteError(message, exc.what) from exc
                         optimizer.zero_grad(set_to_none=True)  # the update is dropped, the data consumed
                         row = None
                         skipped += 1
                         if acc.is_main_process:
-                            self.console.print(f"[yellow]skipped[/] {exc} (nan_policy: skip)")
+                            self.console.print(f"[yellow]skipped[/] {exc}; {context} (nan_policy: skip)")
                     else:
                         optimizer.step()
                         scheduler.step()

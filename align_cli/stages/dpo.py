@@ -374,6 +374,11 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
         eval_examples=held,
         collate=make_collate(tokenizer.pad_token_id),
         compute_loss=make_compute_loss(cfg, reference),
+        loss_settings={
+            "dpo.beta": cfg.beta,
+            "dpo.loss_type": cfg.loss_type,
+            "dpo.label_smoothing": cfg.label_smoothing,
+        },
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
     print_estimate(recipe, model, accelerator, console, frozen={"reference": ref_model})

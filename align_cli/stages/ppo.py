@@ -56,6 +56,7 @@ from align_cli.engine.loop import (
     build_scheduler,
     check_finite,
     last_good_checkpoint,
+    nan_context,
 )
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read_rows
 from align_cli.engine.session import open_run
@@ -324,7 +325,8 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
                 fault_point("step", iteration + 1)
             max_norm = ctx["recipe"].training.max_grad_norm or float("inf")
             stats["grad_norm"] = acc.clip_grad_norm_(actor.parameters(), max_norm)
-            if not finite_or_skip(ctx, loss, stats["grad_norm"], iteration):
+            prompts = [ro["prompts"][r] for r in rows]
+            if not finite_or_skip(ctx, loss, stats["grad_norm"], iteration, prompts):
                 continue
             ctx["optimizer"].step()
             ctx["scheduler"].step()
@@ -335,15 +337,25 @@ def update(ctx: dict[str, Any], ro: dict[str, Any], iteration: int) -> dict[str,
     return {k: v / max(steps, 1) for k, v in totals.items()}
 
 
-def finite_or_skip(ctx: dict[str, Any], loss: torch.Tensor, grad_norm: Any, iteration: int) -> bool:
+def finite_or_skip(
+    ctx: dict[str, Any], loss: torch.Tensor, grad_norm: Any, iteration: int, prompts: list[Prompt]
+) -> bool:
     """The NaN guard of one update: True to apply it; False to drop it (``training.nan_policy: skip``,
-    counted); with the default policy a NaN/inf loss or gradient ends the run, last checkpoint kept."""
+    counted); with the default policy a NaN/inf loss or gradient ends the run, last checkpoint kept. The
+    error names the mini-batch's prompts (file:line) and the recipe keys that can cause it."""
     where, scaler = f"ppo iteration {iteration + 1}", ctx["accelerator"].scaler
     try:
         check_finite(float(loss.detach()), float(grad_norm), where, scaler)
     except NonFiniteError as exc:
         if ctx["recipe"].training.nan_policy != "skip":
-            raise NonFiniteError(f"{exc}; {last_good_checkpoint(ctx['run_dir'])}", exc.what) from exc
+            t, p = ctx["recipe"].training, ctx["recipe"].ppo
+            keys = {"training.lr": t.lr, "training.precision": t.precision, "ppo.temperature": p.temperature}
+            keys |= {"ppo.kl_coef": p.kl_coef, "ppo.vf_coef": p.vf_coef, "ppo.score_clip": p.score_clip}
+            if p.ptx_data:
+                keys["ppo.ptx_coef"] = p.ptx_coef
+            context = nan_context([x.where for x in prompts], keys, "prompts")
+            message = f"{exc}; {context}; {last_good_checkpoint(ctx['run_dir'])}"
+            raise NonFiniteError(message, exc.what) from exc
         ctx["optimizer"].zero_grad(set_to_none=True)
         ctx["skipped"] += 1
         return False

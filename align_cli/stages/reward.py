@@ -211,6 +211,11 @@ def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = N
         eval_examples=held,
         collate=lambda examples: collate_pairs(examples, pad),
         compute_loss=make_compute_loss(recipe.reward.center_coef),
+        # margins: the records' own, else reward.margins by rating
+        loss_settings={
+            "reward.use_margin": recipe.reward.use_margin,
+            "reward.center_coef": recipe.reward.center_coef,
+        },
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
     print_estimate(recipe, model, accelerator, console)
@@ -351,6 +356,12 @@ def run_score(
     if torch.cuda.is_available():
         rm = rm.cuda()
     rewards = score_records(rm, tokenizer, records, batch_size=batch_size, **settings)
+    if all(r is None for r in rewards):
+        raise DataError(
+            f"{data}: none of the {len(records)} record(s) could be scored: truncation to "
+            f"{settings.get('max_length', 512)} tokens left no response tokens, or left the responses "
+            "identical; raise --max-length"
+        )
     lines = "".join(
         json.dumps(_with_rewards(rec, r), ensure_ascii=False) + "\n" for rec, r in zip(records, rewards)
     )
