@@ -46,7 +46,7 @@ from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
-from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from align_cli.engine.distributed import configure_deepspeed, for_generation, mean_across
 from align_cli.engine.faults import fault_point
 from align_cli.engine.loop import (
@@ -357,7 +357,7 @@ def stop_at(ctx: dict[str, Any], stop: StopFlag, iteration: int, metrics: Metric
     """A requested stop: checkpoint at ``iteration`` (unless one is there already) and end the run."""
     run_dir = ctx["run_dir"]
     found = latest_checkpoint(run_dir)
-    if found is None or int(found.name.split("-")[1]) != iteration:
+    if found is None or checkpoint_step(found) != iteration:
         t = ctx["recipe"].training
         found = save_checkpoint(ctx["accelerator"], run_dir, iteration, checkpoint_state(ctx), t.keep_last)
     if metrics:
