@@ -115,7 +115,7 @@ def _run_stage(
     from align_cli.engine.loop import NonFiniteError
     from align_cli.engine.signals import StoppedBySignal
     from align_cli.models import ModelError
-    from align_cli.runs import RunDirError
+    from align_cli.runs import RunDirError, release_run_dirs
 
     _setup_logging()
     overrides = {
@@ -141,10 +141,15 @@ def _run_stage(
         _fail(str(exc))
     except StoppedBySignal as stopped:  # a requested stop with a checkpoint saved is a clean exit
         console.print(f"[bold yellow]{stopped}[/]")
-        console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
+        if stopped.final_save:
+            console.print("stopped by signal after the run finished; there is nothing to resume")
+        else:
+            console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    finally:
+        release_run_dirs()  # the run folders this command held (CliRunner runs many in one process)
 
 
 def resume_command(stage: str, run_dir: Path) -> str:
@@ -430,8 +435,8 @@ def pipeline(
 ) -> None:
     """Run the stages a pipeline recipe lists (e.g. sft -> reward -> dpo / ppo), chaining outputs.
 
-    Each stage runs in its own directory under `output`; a finished stage is not run again, so an
-    interrupted pipeline continues where it stopped. `@name` in a value means that stage's final model."""
+    Each stage runs in its own directory under `output`; a finished stage is not run again and an
+    interrupted one resumes from its last checkpoint. `@name` in a value means that stage's final model."""
     from align_cli.pipeline import load_pipeline, run_pipeline
 
     _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console))
@@ -515,11 +520,13 @@ def _guarded(action: Any) -> None:
     from align_cli.engine.loop import NonFiniteError
     from align_cli.engine.signals import StoppedBySignal
     from align_cli.models import ModelError
+    from align_cli.runs import RunDirError, release_run_dirs
 
     _setup_logging()
+    known = (RecipeError, DataError, TemplateError, ModelError, CheckpointError, NonFiniteError, RunDirError)
     try:
         action()
-    except (RecipeError, DataError, TemplateError, ModelError, CheckpointError, NonFiniteError) as exc:
+    except known as exc:
         _fail(str(exc))
     except StoppedBySignal as stopped:
         console.print(f"[bold yellow]{stopped}[/]")
@@ -527,6 +534,8 @@ def _guarded(action: Any) -> None:
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    finally:
+        release_run_dirs()
 
 
 # ----------------------------------------------------------------------------- planning and export
