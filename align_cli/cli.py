@@ -112,6 +112,7 @@ def _run_stage(
 ) -> None:
     """Flags -> recipe overrides; run the stage; known errors become one red line and exit code 2."""
     from align_cli.engine.signals import StoppedBySignal
+    from align_cli.runs import release_run_dirs
 
     _setup_logging()
     overrides = {
@@ -129,10 +130,15 @@ def _run_stage(
         _fail(str(exc))
     except StoppedBySignal as stopped:  # a requested stop with a checkpoint saved is a clean exit
         console.print(f"[bold yellow]{stopped}[/]")
-        console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
+        if stopped.final_save:
+            console.print("stopped by signal after the run finished; there is nothing to resume")
+        else:
+            console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    finally:
+        release_run_dirs()  # the run folders this command held (CliRunner runs many in one process)
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
@@ -423,8 +429,8 @@ def pipeline(
 ) -> None:
     """Run the stages a pipeline recipe lists (e.g. sft -> reward -> dpo / ppo), chaining outputs.
 
-    Each stage runs in its own directory under `output`; a finished stage is not run again, so an
-    interrupted pipeline continues where it stopped. `@name` in a value means that stage's final model.
+    Each stage runs in its own directory under `output`; a finished stage is not run again and an
+    interrupted one resumes from its last checkpoint. `@name` in a value means that stage's final model.
 
     A recipe's evaluate.ground_truth (`file.py:function`, used by `align frontier`) is code: align imports
     it and runs it as Python code with your rights; run only recipes whose code you trust."""
@@ -513,6 +519,7 @@ def eval_command(
 def _guarded(action: Any) -> None:
     """Run ``action``; known errors become one red line and exit code 2."""
     from align_cli.engine.signals import StoppedBySignal
+    from align_cli.runs import release_run_dirs
 
     _setup_logging()
     try:
@@ -525,6 +532,8 @@ def _guarded(action: Any) -> None:
         raise typer.Exit(0) from None
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
+    finally:
+        release_run_dirs()
 
 
 # ----------------------------------------------------------------------------- planning and export

@@ -3,9 +3,11 @@
 A pipeline recipe lists stages, each a stage recipe plus ``--set`` style overrides; ``@name`` in a
 value stands for the final model of an earlier stage, so outputs chain explicitly. A stage may sweep
 one key over several values (e.g. dpo.beta), becoming one run per value. Every stage runs in its own
-directory under ``output``; a stage whose directory already holds a finished run is not run again,
-so an interrupted pipeline resumes stage by stage. `align frontier` then evaluates every policy
-against the reference and plots reward against KL, one series per method (DPO paper, Figure 2 left).
+directory under ``output``, named after the stage (a plain name, so no stage writes outside it); a stage
+whose directory already holds a finished run (summary and complete final model) is not run again, and
+an interrupted one resumes from its last checkpoint (rejection sampling: after its finished rounds).
+`align frontier` then evaluates every policy against the reference and plots reward against KL, one
+series per method (DPO paper, Figure 2 left).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from rich.table import Table
 
 from align_cli.engine.metrics import fmt
 from align_cli.recipe import RecipeError, _build, load_recipe
+from align_cli.runs import can_resume, is_complete_model
 
 
 @dataclass
@@ -59,6 +63,8 @@ class PipelineRecipe:
     evaluate: EvaluateSection | None = None
 
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
 STAGE_RUNNERS = {
     "sft": "align_cli.stages.sft:run_sft",
     "reward": "align_cli.stages.reward:run_reward",
@@ -82,8 +88,8 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
     for i, entry in enumerate(recipe.stages):
         if entry.stage not in STAGE_RUNNERS:
             errors.append(f"stages[{i}].stage: {entry.stage!r} is not one of {', '.join(STAGE_RUNNERS)}")
-        if not entry.name:
-            errors.append(f"stages[{i}].name: missing")
+        if problem := name_problem(entry.name):
+            errors.append(f"stages[{i}].name: {problem}")
         if entry.name in names:
             errors.append(f"stages[{i}].name: {entry.name!r} is used twice")
         names.add(entry.name)
@@ -102,8 +108,25 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
             load_recipe(entry.recipe, None, _resolve_sets(sets, finals), stage=entry.stage)
         except RecipeError as exc:
             raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
-        finals[name] = run_dir_of(Path(recipe.output), index, name) / "final"  # a stand-in for its output
+        finals[name] = stage_dir(Path(recipe.output), index, name) / "final"  # a stand-in for its output
     return recipe
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a stage (its run folder is ``NN-name`` under the pipeline's output), or
+    None: a plain name, so no stage's folder can escape the output."""
+    if not name:
+        return "missing"
+    if not _PLAIN_NAME.match(name) or ".." in name or name == ".":
+        return f"{name!r} is not a plain name (letters, digits, '-', '_', '.'; no '/', no '..')"
+    return None
+
+
+def stage_dir(root: Path, index: int, name: str) -> Path:
+    """The run folder of a stage: a child of ``root`` (checked here too, for recipes built in code)."""
+    if problem := name_problem(name):
+        raise RecipeError(f"pipeline stage name: {problem}")
+    return root / f"{index:02d}-{name}"
 
 
 def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], float | None]]:
@@ -117,10 +140,6 @@ def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], 
             shown = f"{value:g}"
             runs.append((f"{entry.name}-{shown}", entry, [*entry.set, f"{entry.sweep.key}={value}"], value))
     return runs
-
-
-def run_dir_of(root: Path, index: int, name: str) -> Path:
-    return root / f"{index:02d}-{name}"
 
 
 def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
@@ -142,14 +161,16 @@ def _resolve_sets(sets: list[str], finals: dict[str, Path]) -> list[str]:
 
 
 def _final_of(run_dir: Path) -> Path | None:
-    from align_cli.runs import read_json_object  # here: runs imports torch
-
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
+    """The final model of a finished stage: its summary.json names it and it is complete (config and
+    weights; a final.tmp never renamed in does not count). Else None: the stage is run (or resumed)."""
+    try:
+        data = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):  # no summary yet, or one cut short by a kill
         return None
-    data = read_json_object(summary, f"delete {run_dir} to run this stage again")
+    if not isinstance(data, dict):
+        return None
     final = data.get("final_model") or (data.get("rounds") or [{}])[-1].get("policy_after")
-    return Path(final) if final and Path(final).exists() else None
+    return Path(final) if final and is_complete_model(Path(final)) else None
 
 
 def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
@@ -161,7 +182,7 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline
     finals: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
-        run_dir = run_dir_of(root, index, name)
+        run_dir = stage_dir(root, index, name)
         done = _final_of(run_dir)
         if done is not None:
             console.print(f"[dim]pipeline: {name} already finished ({run_dir}); not run again[/]")
@@ -174,8 +195,9 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
             stage=entry.stage,
         )
         console.rule(f"pipeline: {name} ({entry.stage})")
+        resume = can_resume(run_dir, entry.stage)  # interrupted: continue it (else it starts afresh)
         module, function = STAGE_RUNNERS[entry.stage].split(":")
-        getattr(importlib.import_module(module), function)(stage_recipe, console=console)
+        getattr(importlib.import_module(module), function)(stage_recipe, resume=resume, console=console)
         final = _final_of(run_dir)
         if final is None:
             raise RecipeError(f"pipeline: stage {name} finished without a final model in {run_dir}")

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from align_cli.data.preference import collate_responses
 from align_cli.data.tokenize import IGNORE_INDEX
 from align_cli.models import response_logprobs, sequence_index
-from align_cli.runs import runs_root
+from align_cli.runs import runs_root, why, write_atomic
 
 log = logging.getLogger("align")
 
@@ -66,21 +65,6 @@ def response_lengths(batch: dict[str, Any]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- hashing
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like the runs directory
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes, memoised by (resolved path, size, mtime) so big weight files are hashed
     once per version, not once per run."""
@@ -101,7 +85,7 @@ def file_digest(path: Path) -> str:
     memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}  # forget deleted files
     memo[memo_key] = digest.hexdigest()
     try:
-        _write_atomic(memo_path, json.dumps(memo, indent=0))
+        write_atomic(memo_path, json.dumps(memo, indent=0))
     except OSError:  # a read-only cache dir only costs a re-hash next time
         pass
     return memo[memo_key]
@@ -213,7 +197,7 @@ def load_entry(key: str, examples: list[dict[str, Any]]) -> list[list[float]] | 
 
 def save_entry(key: str, logps: list[list[float]], meta: dict[str, Any]) -> Path:
     path = _entry_path(key)
-    _write_atomic(path, json.dumps({"version": CACHE_VERSION, "key": key, "meta": meta, "logps": logps}))
+    write_atomic(path, json.dumps({"version": CACHE_VERSION, "key": key, "meta": meta, "logps": logps}))
     return path
 
 
@@ -228,7 +212,15 @@ def attach_reference_logps(
     hit = logps is not None
     if logps is None:
         logps = compute()
-        save_entry(key, logps, material | {"n": len(logps)})
+        try:
+            save_entry(key, logps, material | {"n": len(logps)})
+        except OSError as exc:  # a full disk or read-only cache costs the next run a recomputation only
+            log.warning(
+                "cannot write the reference cache %s: %s; the reference log-probs are used for this run, "
+                "not cached",
+                cache_dir(),
+                why(exc),
+            )
     for example, values in zip(examples, logps):
         example["ref_logps"] = values
     return {"key": key, "hit": hit, "path": str(_entry_path(key))}

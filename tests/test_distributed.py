@@ -58,6 +58,7 @@ def test_sft_two_processes_match_one_write_once_and_resume(tiny_model: Path, tmp
     first = launch([*common, "--max-steps", "3"], env)
     assert first.count("align sft: summary") == 1  # rank 1 prints nothing
     assert sorted(p.name for p in out.iterdir()) == [
+        ".align.lock",  # held by the main process while it runs
         "checkpoint-0000002",
         "final",
         "metrics.csv",

@@ -4,7 +4,9 @@ A checkpoint is written to ``checkpoint-NNNNNNN.tmp`` and renamed once complete,
 mid-save never leaves a directory that ``--resume`` would pick. accelerate saves the model
 (safetensors), optimizer, scheduler and RNG states of every process; ``trainer_state.json`` holds the
 step (which fixes the data position, the batch plan being a function of seed and epoch) and any
-stage state such as a KL controller.
+stage state such as a KL controller. Saving a step again renames the old copy aside
+(``checkpoint-NNNNNNN.replaced``, read while the new one is not in place) and deletes it only after
+the new one is renamed in, so a kill at any point leaves one complete checkpoint.
 
 Loading is safe by construction: weights come from safetensors, and the optimizer, scheduler and RNG
 states (pickles written by torch) are read with ``torch.load(weights_only=True)``, which refuses any
@@ -27,7 +29,8 @@ from accelerate import Accelerator
 from align_cli.engine.faults import fault_point
 
 STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+REPLACED = ".replaced"
+_NAME = re.compile(r"^checkpoint-(\d+)(\.replaced)?$")
 
 
 class CheckpointError(RuntimeError):
@@ -35,13 +38,20 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ``.tmp`` directories are never listed)."""
+    """Complete checkpoints, one per step, oldest first. Partial ``.tmp`` directories are never listed;
+    ``checkpoint-N.replaced`` stands for step N only while ``checkpoint-N`` is missing (a kill between
+    the two renames of a re-save)."""
     if not run_dir.is_dir():
         return []
-    found = [
-        p for p in run_dir.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file() and p.is_dir()
-    ]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    by_step: dict[int, Path] = {}
+    for p in sorted(run_dir.iterdir()):  # checkpoint-N sorts before checkpoint-N.replaced
+        if _NAME.match(p.name) and p.is_dir() and (p / STATE_FILE).is_file():
+            by_step.setdefault(checkpoint_step(p), p)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(_NAME.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -60,8 +70,8 @@ def save_checkpoint(
     final = run_dir / f"checkpoint-{step:07d}"
     tmp = run_dir / f"{final.name}.tmp"
     if accelerator.is_main_process:
-        for stale in [*run_dir.glob("checkpoint-*.tmp"), *run_dir.glob("checkpoint-*.deleting")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed mid-save
+        for stale in _leftovers(run_dir):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
@@ -70,12 +80,7 @@ def save_checkpoint(
         fault_point("save", step)
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state | {"step": step}, indent=1))
-            for item in [*tmp.iterdir(), tmp]:
-                _fsync(item)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(run_dir)
+            publish_dir(tmp, final)
     except Exception as exc:  # any write failure must leave the previous checkpoint usable
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +97,29 @@ def save_checkpoint(
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``target`` (a checkpoint, a final model). An existing
+    ``target`` is renamed aside to ``NAME.replaced`` first and deleted only once the new one is in place:
+    rename first, then delete, so a kill at any point leaves one complete copy."""
+    for item in [*tmp.iterdir(), tmp]:
+        _fsync(item)
+    aside = target.with_name(target.name + REPLACED)
+    if target.exists():
+        shutil.rmtree(aside, ignore_errors=True)  # an older copy, left by a kill after its rename in
+        os.replace(target, aside)
+    os.replace(tmp, target)
+    _fsync(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _leftovers(run_dir: Path) -> list[Path]:
+    """What killed saves and prunes left: partial ``.tmp`` and half-deleted ``.deleting`` folders, and
+    ``.replaced`` copies whose checkpoint is back in place."""
+    current = set(checkpoint_dirs(run_dir))
+    replaced = [p for p in run_dir.glob(f"checkpoint-*{REPLACED}") if p not in current]
+    return [*run_dir.glob("checkpoint-*.tmp"), *run_dir.glob("checkpoint-*.deleting"), *replaced]
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +13,21 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from align_cli.data.tokenize import DataStats
+from align_cli.engine.checkpoint import CheckpointError, latest_checkpoint, publish_dir
 from align_cli.engine.loop import make_accelerator
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.engine.signals import StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.models import count_parameters, save_model
 from align_cli.recipe import Recipe, RecipeError
 from align_cli.runs import (
     FINAL,
+    after_final,
     default_run_dir,
     peak_memory_mb,
     prepare_run_dir,
     record_output,
+    runs_root,
+    why,
     write_summary,
 )
 
@@ -63,11 +70,34 @@ def open_run(recipe: Recipe, resume: bool) -> tuple[Path, Accelerator]:
         broadcast_object_list(chosen)
     run_dir = Path(chosen[0])
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume, recipe.output.overwrite)
+        prepare_run_dir(run_dir, resume, recipe.output.overwrite, recipe.stage)
         recipe.output.dir = str(run_dir)
         recipe.save(run_dir / "recipe.yaml")
     accelerator.wait_for_everyone()
     return run_dir, accelerator
+
+
+def save_final(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write a final output (``final/``, PPO's ``final-value/``) with ``write(folder)`` into
+    ``NAME.tmp``, renamed to ``NAME`` once complete: a kill leaves the previous state (the checkpoints),
+    never a half-written model. A write failure (full disk, read-only folder) removes the partial folder
+    and raises CheckpointError naming the path and what was kept. Callers hold SIGTERM/SIGINT off
+    (``stop_on_signals``) meanwhile, so a signal lets the save finish."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed save
+        tmp.mkdir(parents=True)
+        write(tmp)
+        publish_dir(tmp, target)
+    except Exception as exc:  # torch and safetensors report a full disk as RuntimeError too
+        shutil.rmtree(tmp, ignore_errors=True)
+        checkpoint = latest_checkpoint(target.parent)
+        kept = (
+            f"{checkpoint} (continue with --resume)"
+            if checkpoint
+            else "the run's metrics, but no checkpoint (training.save_every), so the run must start again"
+        )
+        raise CheckpointError(f"saving the final model to {target} failed: {why(exc)}; kept: {kept}") from exc
 
 
 def finish_run(
@@ -81,12 +111,36 @@ def finish_run(
     console: Console,
     plot_keys: tuple[str, ...] = ("loss", "eval/loss", "lr", "grad_norm"),
 ) -> dict[str, Any]:
-    """Save the final model, write summary.json and a plot, print the summary table."""
+    """Save the final model, write summary.json and a plot, print the summary table. A SIGTERM/SIGINT
+    meanwhile lets all of it finish, then stops the run (StoppedBySignal) with its final model complete."""
+    with stop_on_signals() as stop:
+        summary = _finish(
+            stage, recipe, run_dir, accelerator, result, tokenizer, data_stats, console, plot_keys
+        )
+        stopped = stop_requested(stop, accelerator)
+    if stopped:
+        step = result["steps"]
+        raise StoppedBySignal(stage, run_dir, step, stop.name or "signal", run_dir / FINAL, final_save=True)
+    return summary
+
+
+def _finish(
+    stage: str,
+    recipe: Recipe,
+    run_dir: Path,
+    accelerator: Accelerator,
+    result: dict[str, Any],
+    tokenizer: Any,
+    data_stats: dict[str, DataStats],
+    console: Console,
+    plot_keys: tuple[str, ...],
+) -> dict[str, Any]:
     model = result["model"]
     state_dict = accelerator.get_state_dict(model)
     final_dir = run_dir / FINAL
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, final_dir, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model)
+        save_final(final_dir, lambda folder: save_model(unwrapped, tokenizer, folder, state_dict=state_dict))
     accelerator.wait_for_everyone()
     metrics: MetricsLog | None = result["metrics"]
     last = next((r for r in reversed(metrics.rows) if "loss" in r), {}) if metrics else {}
@@ -112,11 +166,13 @@ def finish_run(
         "skipped_steps": result.get("skipped_steps", 0),
         "data": {name: stats.as_dict() for name, stats in data_stats.items()},
     }
-    if accelerator.is_main_process:
-        write_summary(run_dir, summary)
+    if accelerator.is_main_process:  # bookkeeping: a failure here is a warning, the run is finished
+        after_final(run_dir / "summary.json", final_dir, lambda: write_summary(run_dir, summary))
         if metrics:
-            plot_metrics(metrics, list(plot_keys), run_dir / "metrics.png")
-        record_output(stage, final_dir)
+            plot = run_dir / "metrics.png"
+            after_final(plot, final_dir, lambda: plot_metrics(metrics, list(plot_keys), plot))
+        index = runs_root() / "latest.json"
+        after_final(index, final_dir, lambda: record_output(stage, final_dir))
         rows = [
             ("steps", summary["steps"]),
             ("first loss", summary["first_loss"]),

@@ -16,14 +16,27 @@ HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
 class StoppedBySignal(Exception):
-    """The run stopped on request after saving a checkpoint; ``--resume`` continues it."""
+    """The run stopped on request after saving a checkpoint; ``--resume`` continues it. With
+    ``final_save`` the signal came while the final model was being saved: the save (``checkpoint``, the
+    final model) finished and the run is complete."""
 
-    def __init__(self, stage: str, run_dir: Path, step: int, signal_name: str, checkpoint: Path) -> None:
+    def __init__(
+        self,
+        stage: str,
+        run_dir: Path,
+        step: int,
+        signal_name: str,
+        checkpoint: Path,
+        final_save: bool = False,
+    ) -> None:
         self.stage, self.run_dir, self.step, self.signal_name = stage, Path(run_dir), step, signal_name
-        self.checkpoint = checkpoint
-        super().__init__(
-            f"{stage}: stopped by {signal_name} at step {step}; checkpoint saved to {checkpoint}"
-        )
+        self.checkpoint, self.final_save = checkpoint, final_save
+        if final_save:
+            message = f"{stage}: stopped by {signal_name} during the final save at step {step}; "
+            message += f"the final model is complete: {checkpoint}"
+        else:
+            message = f"{stage}: stopped by {signal_name} at step {step}; checkpoint saved to {checkpoint}"
+        super().__init__(message)
 
 
 class StopFlag:

@@ -47,7 +47,7 @@ from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
-from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from align_cli.engine.distributed import configure_deepspeed, for_generation, mean_across
 from align_cli.engine.faults import fault_point
 from align_cli.engine.loop import (
@@ -59,7 +59,7 @@ from align_cli.engine.loop import (
     nan_context,
 )
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read_rows
-from align_cli.engine.session import open_run
+from align_cli.engine.session import open_run, save_final
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.generation import SamplingParams, sample
 from align_cli.logprobs import head_logprobs
@@ -75,7 +75,15 @@ from align_cli.models import (
     score_head,
 )
 from align_cli.recipe import LoraSection, ModelSection, Recipe, RecipeError
-from align_cli.runs import FINAL, last_output, peak_memory_mb, record_output, write_summary
+from align_cli.runs import (
+    FINAL,
+    after_final,
+    last_output,
+    peak_memory_mb,
+    record_output,
+    runs_root,
+    write_summary,
+)
 from align_cli.scoring import score
 
 # ----------------------------------------------------------------------------- models
@@ -370,7 +378,7 @@ def stop_at(ctx: dict[str, Any], stop: StopFlag, iteration: int, metrics: Metric
     """A requested stop: checkpoint at ``iteration`` (unless one is there already) and end the run."""
     run_dir = ctx["run_dir"]
     found = latest_checkpoint(run_dir)
-    if found is None or int(found.name.split("-")[1]) != iteration:
+    if found is None or checkpoint_step(found) != iteration:
         t = ctx["recipe"].training
         found = save_checkpoint(ctx["accelerator"], run_dir, iteration, checkpoint_state(ctx), t.keep_last)
     if metrics:
@@ -599,29 +607,54 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
                     metrics.flush()
             if stop_requested(stop, acc):
                 stop_at(ctx, stop, iteration + 1, metrics)
+    # from here a SIGTERM/SIGINT only sets a flag: the final models are saved whole, then the run stops
+    with stop_on_signals() as stop:
+        summary = finish_ppo(ctx, metrics, iterations, first_score, started, prompt_stats, ptx_stats, console)
+        stopped = stop_requested(stop, acc)
+    if stopped:
+        raise StoppedBySignal(
+            "ppo", run_dir, iterations, stop.name or "signal", run_dir / FINAL, final_save=True
+        )
+    return summary
+
+
+def finish_ppo(
+    ctx: dict[str, Any],
+    metrics: MetricsLog | None,
+    iterations: int,
+    first_score: float | None,
+    started: float,
+    prompt_stats: Any,
+    ptx_stats: DataStats,
+    console: Console,
+) -> dict[str, Any]:
+    """Save the policy to final/ and the value model (or head) to final-value/, each renamed in once
+    complete; write the summary and plot (bookkeeping: a failure there only warns); print the table."""
+    acc, run_dir, kl_ctl = ctx["accelerator"], ctx["run_dir"], ctx["kl_ctl"]
+    p, t = ctx["recipe"].ppo, ctx["recipe"].training
     final_dir = run_dir / FINAL
-    unwrapped = acc.unwrap_model(actor)
-    full = acc.get_state_dict(actor)  # every process joins: gathers ZeRO-3 / FSDP shards
+    unwrapped = acc.unwrap_model(ctx["actor"])
+    full = acc.get_state_dict(ctx["actor"])  # every process joins: gathers ZeRO-3 / FSDP shards
     if acc.is_main_process:
         part = {  # "policy.x" -> "x": the policy's (or, under LoRA, its adapter's) own state dict
             name: {k[len(name) + 1 :]: v for k, v in full.items() if k.startswith(name + ".")}
             for name in ("policy", "value_model", "value_head")
         }
-        save_model(unwrapped.policy, tokenizer, final_dir, state_dict=part["policy"])
+        save_final(
+            final_dir, lambda d: save_model(unwrapped.policy, ctx["tokenizer"], d, state_dict=part["policy"])
+        )
         if unwrapped.value_model is not None:
-            save_model(
-                unwrapped.value_model,
-                scorer_tokenizer,
+            value_tok, value_state = ctx["scorer_tokenizer"], part["value_model"]
+            save_final(
                 run_dir / "final-value",
-                state_dict=part["value_model"],
+                lambda d: save_model(unwrapped.value_model, value_tok, d, state_dict=value_state),
             )
         else:
-            torch.save(part["value_head"], run_dir / "value_head.pt")
-        metrics.flush()
-        plot_metrics(
-            metrics, ["score/mean", "objective/kl", "loss/policy", "loss/value"], run_dir / "metrics.png"
-        )
-        record_output("ppo", final_dir)
+            save_final(run_dir / "final-value", lambda d: torch.save(part["value_head"], d / "value_head.pt"))
+        after_final(run_dir / "metrics.csv", final_dir, metrics.flush)
+        plot, keys = run_dir / "metrics.png", ["score/mean", "objective/kl", "loss/policy", "loss/value"]
+        after_final(plot, final_dir, lambda: plot_metrics(metrics, keys, plot))
+        after_final(runs_root() / "latest.json", final_dir, lambda: record_output("ppo", final_dir))
     last = metrics.rows[-1] if metrics and metrics.rows else {}
     trainable, total = count_parameters(unwrapped)
     summary = {
@@ -641,7 +674,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
         "data": {"prompts": prompt_stats.as_dict(), **({"ptx": ptx_stats.as_dict()} if p.ptx_data else {})},
     }
     if acc.is_main_process:
-        write_summary(run_dir, summary)
+        after_final(run_dir / "summary.json", final_dir, lambda: write_summary(run_dir, summary))
         print_table(
             "align ppo: summary",
             [

@@ -9,6 +9,9 @@ by at most
 
 while the expected reward of the best sample grows with N: the gap between the best and the mean
 of N is the headroom rejection sampling exploits.
+
+A finished round (``round-N/round.json``; with ``then: sft`` also a complete ``round-N/sft/final``) is
+kept by ``--resume``, which continues with the next round (an interrupted SFT from its checkpoint).
 """
 
 from __future__ import annotations
@@ -39,10 +42,21 @@ from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
+from align_cli.engine.signals import StoppedBySignal
 from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm, shard_batches
 from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, Recipe, RecipeError
-from align_cli.runs import last_output, record_output, write_summary
+from align_cli.runs import (
+    FINAL,
+    after_final,
+    can_resume,
+    is_complete_model,
+    last_output,
+    record_output,
+    runs_root,
+    write_atomic,
+    write_summary,
+)
 from align_cli.scoring import score
 
 
@@ -321,6 +335,45 @@ def run_round(
     }
 
 
+ROUND_FILE = "round.json"
+
+
+def save_round(round_dir: Path, figures: dict, best_so_far: dict[int, tuple[bool, float, str]]) -> None:
+    """Mark a round's sampling and selection finished (written after its files): its figures, and the best
+    sample so far of each prompt, which later rounds build on."""
+    best = {str(p): list(v) for p, v in best_so_far.items()}
+    write_atomic(round_dir / ROUND_FILE, json.dumps({"figures": figures, "best_so_far": best}))
+
+
+def load_round(round_dir: Path) -> tuple[dict, dict[int, tuple[bool, float, str]]] | None:
+    """A finished round's figures and best samples so far, or None when the round has not finished."""
+    try:
+        state = json.loads((round_dir / ROUND_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state["figures"], {int(p): tuple(v) for p, v in state["best_so_far"].items()}
+
+
+def sft_on_round(recipe: Recipe, round_dir: Path, policy_dir: str, console: Console) -> str:
+    """Fine-tune ``policy_dir`` on the round's best.jsonl in ``round-N/sft``; return the new policy. A
+    complete one is kept; an interrupted one resumes from its checkpoint, else starts again."""
+    from align_cli.stages.sft import run_sft
+
+    sft_dir = round_dir / "sft"
+    if not is_complete_model(sft_dir / FINAL):
+        sft_recipe = copy.deepcopy(recipe)
+        sft_recipe.stage = "sft"
+        sft_recipe.model.name_or_path = policy_dir
+        sft_recipe.data.train, sft_recipe.data.eval, sft_recipe.data.format = (
+            str(round_dir / "best.jsonl"),
+            None,
+            "auto",
+        )
+        sft_recipe.output.dir, sft_recipe.output.overwrite = str(sft_dir), True  # a folder of this run
+        run_sft(sft_recipe, resume=can_resume(sft_dir, "sft"), console=console)
+    return str(sft_dir / FINAL)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -346,8 +399,6 @@ def _resolve(recipe: Recipe) -> tuple[str, str, str]:
 def run_rejection_sampling(
     recipe: Recipe, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
-    from align_cli.stages.sft import run_sft
-
     console = console or Console()
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
@@ -359,7 +410,7 @@ def run_rejection_sampling(
     scorer_tok = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tok.pad_token_id)
     backend = choose_backend(rs.backend)
-    run_dir, accelerator = open_run(recipe, resume=False)
+    run_dir, accelerator = open_run(recipe, resume)
     scorer.to(accelerator.device)
     main = accelerator.is_main_process
     console.print(
@@ -370,36 +421,40 @@ def run_rejection_sampling(
     start_policy, rounds, best_so_far = policy_dir, [], {}
     for r in range(1, rs.rounds + 1):
         round_dir = run_dir / f"round-{r}"
-        figures = run_round(
-            round_dir,
-            policy_dir,
-            scorer,
-            scorer_tok,
-            prompts,
-            recipe,
-            recipe.training.seed + r,
-            best_so_far,
-            backend,
-            console,
-        )
-        print_round_table(f"round {r}: reward by N (policy {policy_dir})", figures["table"], console)
-        console.print(
-            f"round {r}: {figures['eos_rate']:.0%} of samples ended by themselves; selected "
-            f"{figures['selected']} ({figures['selected_unfinished']} cut at max_new_tokens, kept only where "
-            f"no sample of the prompt ended; written without an end marker), {figures['pairs']} pairs"
-        )
-        if rs.then == "sft":
-            sft_recipe = copy.deepcopy(recipe)
-            sft_recipe.stage = "sft"
-            sft_recipe.model.name_or_path = policy_dir
-            sft_recipe.data.train, sft_recipe.data.eval, sft_recipe.data.format = (
-                str(round_dir / "best.jsonl"),
-                None,
-                "auto",
+        done = load_round(round_dir)
+        if done is not None:
+            figures, best_so_far = done
+            console.print(f"round {r}: finished by an earlier run, kept ({round_dir})")
+        else:
+            figures = run_round(
+                round_dir,
+                policy_dir,
+                scorer,
+                scorer_tok,
+                prompts,
+                recipe,
+                recipe.training.seed + r,
+                best_so_far,
+                backend,
+                console,
             )
-            sft_recipe.output.dir = str(round_dir / "sft")
-            run_sft(sft_recipe, console=console)
-            policy_dir = str(round_dir / "sft" / "final")
+            print_round_table(f"round {r}: reward by N (policy {policy_dir})", figures["table"], console)
+            console.print(
+                f"round {r}: {figures['eos_rate']:.0%} of samples ended by themselves; selected "
+                f"{figures['selected']} ({figures['selected_unfinished']} cut at max_new_tokens, kept "
+                f"only where no sample of the prompt ended; written without an end marker), "
+                f"{figures['pairs']} pairs"
+            )
+            if main:
+                save_round(round_dir, figures, best_so_far)
+            accelerator.wait_for_everyone()
+        if rs.then == "sft":
+            try:
+                policy_dir = sft_on_round(recipe, round_dir, policy_dir, console)
+            except StoppedBySignal as stopped:  # --resume continues this rejection sampling, not its SFT
+                raise StoppedBySignal(
+                    "rejection-sample", run_dir, r, stopped.signal_name, stopped.checkpoint
+                ) from None
         figures["policy_after"] = policy_dir
         rounds.append(figures)
     for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
@@ -424,7 +479,8 @@ def run_rejection_sampling(
             evaluation[label] = sum(rewards) / len(rewards)
         summary["policy_mean_reward"] = evaluation
         if main:
-            record_output("rejection-sample", Path(policy_dir))
+            final = Path(policy_dir)
+            after_final(runs_root() / "latest.json", final, lambda: record_output("rejection-sample", final))
         table = Table(title="policy mean sampled reward")
         table.add_column("policy")
         table.add_column("mean reward", justify="right")
