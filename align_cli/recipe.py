@@ -8,6 +8,7 @@ once, so a user fixes a recipe in one go. Overrides use dotted keys: ``--set tra
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,7 +99,11 @@ class TrainingSection:
     seed: int = 42
     log_every: int = 1
     eval_every: int | None = None
+    # checkpoints: every save_every steps (PPO: iterations); null: every 10% of the run's steps. Also every
+    # save_every_minutes since the last save, whichever comes first (0: no time-based saves). save_every: 0
+    # turns periodic checkpoints off altogether (a stop on SIGTERM/SIGINT still saves one)
     save_every: int | None = None
+    save_every_minutes: float = 30.0
     keep_last: int = 2
     # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
     # and count it (skipped_steps in metrics and summary)
@@ -409,6 +414,10 @@ def _check_values(r: Recipe) -> list[str]:
         "data.max_length": d.max_length,
     }
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v is not None and v <= 0]
+    if t.save_every is not None and t.save_every < 0:
+        errors.append(f"training.save_every: must be >= 0 (0: no periodic checkpoints), got {t.save_every}")
+    if t.save_every_minutes is not None and not 0 <= t.save_every_minutes < math.inf:
+        errors.append(f"training.save_every_minutes: must be >= 0 and finite, got {t.save_every_minutes}")
     if t.lr is not None and t.lr < 0:
         errors.append(f"training.lr: must be >= 0, got {t.lr}")
     if not 0.0 <= (d.eval_fraction or 0.0) < 1.0:

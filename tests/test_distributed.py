@@ -59,6 +59,7 @@ def test_sft_two_processes_match_one_write_once_and_resume(tiny_model: Path, tmp
     assert first.count("align sft: summary") == 1  # rank 1 prints nothing
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint-0000002",
+        "data_identity.json",
         "final",
         "metrics.csv",
         "metrics.jsonl",
