@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from align_cli.engine.resume import Resume
 from align_cli.recipe import RecipeError, load_recipe
 
 # Under torchrun / accelerate launch only the main process (RANK 0) prints tables and progress;
@@ -64,6 +65,23 @@ SetOpt = Annotated[
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
 ]
+FromPreviousOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-from-previous",
+        help="Like --resume; when the last checkpoint does not match its manifest (a damaged file), continue "
+        "from the newest earlier one that does (the damaged one is kept as checkpoint-N.damaged).",
+    ),
+]
+WithChangesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-with-changes",
+        help="Like --resume, with a recipe that differs in what decides the data order or the update "
+        "(data, seed, batch sizes, lr, ...): the new values apply from the last checkpoint on and are "
+        "recorded in RUN/resume_changes.jsonl.",
+    ),
+]
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Random seed (training.seed).", show_default=False)
 ]
@@ -105,7 +123,7 @@ def _run_stage(
     data: str | None,
     out: Path | None,
     sets: list[str] | None,
-    resume: bool,
+    resume: bool | Resume,
     seed: int | None,
     max_steps: int | None,
     extra: dict[str, Any] | None = None,
@@ -153,6 +171,11 @@ def _known_errors() -> tuple[type[Exception], ...]:
     return (RecipeError, DataError, TemplateError, ModelError, RunDirError, CheckpointError, NonFiniteError)
 
 
+def _resume(resume: bool, from_previous: bool, with_changes: bool) -> bool | Resume:
+    """The three resume flags as a stage's ``resume`` argument; either variant implies --resume."""
+    return Resume(from_previous, with_changes) if from_previous or with_changes else resume
+
+
 def resume_command(stage: str, run_dir: Path) -> str:
     """The command that continues a run: its saved, fully resolved recipe, its directory, --resume."""
     import shlex
@@ -183,13 +206,26 @@ def sft(
     out: OutOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    resume_from_previous: FromPreviousOpt = False,
+    resume_with_changes: WithChangesOpt = False,
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
 ) -> None:
     """Supervised fine-tuning: loss on response tokens only (Alpaca, prompt/completion, chat, text)."""
     from align_cli.stages.sft import run_sft
 
-    _run_stage("sft", run_sft, recipe, model, data, out, set_, resume, seed, max_steps)
+    _run_stage(
+        "sft",
+        run_sft,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        _resume(resume, resume_from_previous, resume_with_changes),
+        seed,
+        max_steps,
+    )
 
 
 def _placeholder(stage: str, summary: str) -> None:
@@ -231,6 +267,8 @@ def reward(
     out: OutOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    resume_from_previous: FromPreviousOpt = False,
+    resume_with_changes: WithChangesOpt = False,
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
 ) -> None:
@@ -240,12 +278,24 @@ def reward(
     and rankings (prompt + responses best first, or with scores; all C(K,2) pairs, one forward pass per
     response). Defaults as Llama 2: 1 epoch, lr 1e-5, cosine to 10%, warmup 3% (at least 5 steps)."""
     if ctx.invoked_subcommand is not None:
-        if recipe or model or data or out or set_ or resume or seed is not None or max_steps is not None:
+        resumes = resume or resume_from_previous or resume_with_changes
+        if recipe or model or data or out or set_ or resumes or seed is not None or max_steps is not None:
             _fail(f"`align reward {ctx.invoked_subcommand}` takes its own flags, after its name")
         return
     from align_cli.stages.reward import run_reward
 
-    _run_stage("reward", run_reward, recipe, model, data, out, set_, resume, seed, max_steps)
+    _run_stage(
+        "reward",
+        run_reward,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        _resume(resume, resume_from_previous, resume_with_changes),
+        seed,
+        max_steps,
+    )
 
 
 @reward_app.command(
@@ -303,13 +353,26 @@ def dpo(
     out: OutOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    resume_from_previous: FromPreviousOpt = False,
+    resume_with_changes: WithChangesOpt = False,
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
 ) -> None:
     """Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce) on pairs or rankings."""
     from align_cli.stages.dpo import run_dpo
 
-    _run_stage("dpo", run_dpo, recipe, model, data, out, set_, resume, seed, max_steps)
+    _run_stage(
+        "dpo",
+        run_dpo,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        _resume(resume, resume_from_previous, resume_with_changes),
+        seed,
+        max_steps,
+    )
 
 
 @app.command(
@@ -391,6 +454,8 @@ def ppo(
     out: OutOpt = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
+    resume_from_previous: FromPreviousOpt = False,
+    resume_with_changes: WithChangesOpt = False,
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
     prompts: Annotated[
@@ -412,7 +477,19 @@ def ppo(
     from align_cli.stages.ppo import run_ppo
 
     extra = {"ppo.prompts": prompts, "ppo.reward_model": reward_model}
-    _run_stage("ppo", run_ppo, recipe, model, data, out, set_, resume, seed, max_steps, extra)
+    _run_stage(
+        "ppo",
+        run_ppo,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        _resume(resume, resume_from_previous, resume_with_changes),
+        seed,
+        max_steps,
+        extra,
+    )
 
 
 # ----------------------------------------------------------------------------- pipelines and evaluation

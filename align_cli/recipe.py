@@ -122,7 +122,11 @@ class TrainingSection:
     seed: int = 42
     log_every: int = 1
     eval_every: int | None = None
+    # checkpoints: every save_every steps (PPO: iterations); null: every 10% of the run's steps. Also every
+    # save_every_minutes since the last save, whichever comes first (0: no time-based saves). save_every: 0
+    # turns periodic checkpoints off altogether (a stop on SIGTERM/SIGINT still saves one)
     save_every: int | None = None
+    save_every_minutes: float = 30.0
     keep_last: int = 2
     # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
     # and count it (skipped_steps in metrics and summary)
@@ -535,6 +539,9 @@ def _number_rules(r: Recipe) -> list[tuple[str, Any, str]]:
         ("training.min_lr_ratio", t.min_lr_ratio, "[0, 1]"),
         ("training.log_every", t.log_every, "> 0"),
         ("training.keep_last", t.keep_last, "> 0"),
+        ("training.save_every", t.save_every, ">= 0"),  # 0: no periodic checkpoints
+        ("training.save_every_minutes", t.save_every_minutes, ">= 0"),  # 0: none by time
+        ("training.eval_every", t.eval_every, "> 0"),
         ("reward.margins", r.reward.margins, ">= 0"),
         ("reward.center_coef", r.reward.center_coef, ">= 0"),
         ("dpo.beta", r.dpo.beta, "> 0"),

@@ -15,6 +15,8 @@ The key is a SHA-256 of:
 
 A later run with the same key (a resume, a sweep over beta or lr, an eval) reads the numbers instead of
 loading and running the reference model. Files are written to a temporary name and renamed (atomic).
+Each entry holds the SHA-256 of its numbers: an entry that does not match it (a flipped byte, a file cut
+short) is no hit; it is recomputed, rewritten, logged and counted (``corrupt`` in the run's summary).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from align_cli.runs import runs_root, why, write_atomic
 
 log = logging.getLogger("align")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry a checksum of their numbers
 _MODEL_FILES = ("config.json", "adapter_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -180,24 +182,45 @@ def _entry_path(key: str) -> Path:
     return cache_dir() / "reference-logps" / f"{key}.json"
 
 
+def _checksum(key: str, logps: Any) -> str:
+    return hashlib.sha256(json.dumps([key, logps]).encode()).hexdigest()
+
+
+class CorruptEntry(Exception):
+    """A cache entry that exists but does not hold what was written: never used."""
+
+
 def load_entry(key: str, examples: list[dict[str, Any]]) -> list[list[float]] | None:
-    """The cached log-probs for ``key``, or None when absent or not matching the examples' shapes."""
+    """The cached log-probs for ``key``, or None when absent. Raises CorruptEntry when the file cannot be
+    read, fails its checksum or does not match the examples' shapes."""
     path = _entry_path(key)
+    if not path.exists():
+        return None
     try:
         entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    logps = entry.get("logps")
-    if entry.get("version") != CACHE_VERSION or not isinstance(logps, list) or len(logps) != len(examples):
-        return None
+        logps = entry["logps"]
+        written = entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptEntry(f"cannot be read ({type(exc).__name__}: {exc})") from exc
+    if written != _checksum(key, logps):
+        raise CorruptEntry("does not match its checksum")
+    if not isinstance(logps, list) or len(logps) != len(examples):
+        raise CorruptEntry("holds another number of examples")
     if any(len(v) != len(e["responses"]) for v, e in zip(logps, examples)):
-        return None
+        raise CorruptEntry("holds another number of responses")
     return logps
 
 
 def save_entry(key: str, logps: list[list[float]], meta: dict[str, Any]) -> Path:
     path = _entry_path(key)
-    write_atomic(path, json.dumps({"version": CACHE_VERSION, "key": key, "meta": meta, "logps": logps}))
+    entry = {
+        "version": CACHE_VERSION,
+        "key": key,
+        "meta": meta,
+        "sha256": _checksum(key, logps),
+        "logps": logps,
+    }
+    write_atomic(path, json.dumps(entry))
     return path
 
 
@@ -206,9 +229,15 @@ def attach_reference_logps(
 ) -> dict[str, Any]:
     """Set ``example["ref_logps"]`` (one float per response) from the cache, or from ``compute()``
     (then stored). ``material`` is everything the numbers depend on except the examples, which are
-    hashed here. Returns {"key", "hit", "path"} for the run's log and summary."""
+    hashed here. Returns {"key", "hit", "corrupt", "path"} for the run's log and summary: ``corrupt`` when
+    the entry was there but damaged (then recomputed and rewritten)."""
     key = reference_key(material, examples)
-    logps = load_entry(key, examples)
+    corrupt = False
+    try:
+        logps = load_entry(key, examples)
+    except CorruptEntry as exc:
+        log.warning("reference cache entry %s %s: recomputed and written again", _entry_path(key), exc)
+        logps, corrupt = None, True
     hit = logps is not None
     if logps is None:
         logps = compute()
@@ -223,4 +252,4 @@ def attach_reference_logps(
             )
     for example, values in zip(examples, logps):
         example["ref_logps"] = values
-    return {"key": key, "hit": hit, "path": str(_entry_path(key))}
+    return {"key": key, "hit": hit, "corrupt": corrupt, "path": str(_entry_path(key))}

@@ -86,7 +86,7 @@ def chat_sft(model: Path, out: Path, steps: int, *sets: str) -> Path:
             "training.micro_batch_size=16",
             "training.lr=3e-3",
             "training.warmup_steps=10",
-            "training.save_every=null",
+            "training.save_every=0",
             "data.max_length=256",
             *sets,
         ],

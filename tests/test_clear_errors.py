@@ -346,7 +346,12 @@ def test_issue15_item14_a_ground_truth_that_raises_or_returns_a_non_number_is_on
 def test_issue15_item16_a_non_finite_loss_names_its_records_and_recipe_keys(tiny_model: Path, tmp_path: Path):
     out = tmp_path / "run"
     args = ["dpo", "-m", str(tiny_model), "-d", str(EXAMPLES / "prefs.jsonl"), "-o", str(out)]
-    sets = ["training.lr=1e30", "training.max_steps=3", "training.micro_batch_size=2"]
+    sets = [
+        "training.lr=1e30",
+        "training.max_steps=3",
+        "training.micro_batch_size=2",
+        "training.save_every=0",
+    ]
     sets += ["dpo.reference_cache=false", "data.max_length=64"]
     code, text = cli(args + [item for s in sets for item in ("--set", s)])
     assert code == 2 and "step 2: non-finite loss" in text, text

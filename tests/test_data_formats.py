@@ -342,7 +342,7 @@ data:
     - {{path: {tmp_path / "sharegpt.jsonl"}, weight: 0.5}}
     - {{path: {tmp_path / "qa.parquet"}, max_examples: 5, columns: {{prompt: q, completion: a}}}}
     - {{path: {tmp_path / "alpaca"}, weight: 2}}
-training: {{max_steps: 2, micro_batch_size: 4, save_every: null}}
+training: {{max_steps: 2, micro_batch_size: 4, save_every: 0}}
 output: {{dir: {tmp_path / "run"}}}
 """
     )

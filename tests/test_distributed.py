@@ -60,6 +60,7 @@ def test_sft_two_processes_match_one_write_once_and_resume(tiny_model: Path, tmp
     assert sorted(p.name for p in out.iterdir()) == [
         ".align.lock",  # held by the main process while it runs
         "checkpoint-0000002",
+        "data_identity.json",
         "final",
         "metrics.csv",
         "metrics.jsonl",

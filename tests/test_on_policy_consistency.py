@@ -26,7 +26,7 @@ from tests.helpers import make_recipe, metric_rows, quiet_console
 
 ONE_UPDATE = [  # one iteration, one mini-batch, one epoch: its stats are those of the first mini-batch
     "training.max_steps=1",
-    "training.save_every=null",
+    "training.save_every=0",
     "ppo.rollout_batch_size=8",
     "ppo.mini_batch_size=8",
     "ppo.ppo_epochs=1",

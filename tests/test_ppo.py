@@ -48,7 +48,7 @@ def test_to_padded_keeps_row_order():
 @pytest.fixture(scope="module")
 def ppo_runs(review_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ppo")
-    common = ["training.max_steps=8", "training.save_every=null"]
+    common = ["training.max_steps=8", "training.save_every=0"]
     ppo(review_models, root / "low", *common, "ppo.kl_coef=0.05")
     ppo(review_models, root / "high", *common, "ppo.kl_coef=1.0")
     ppo(

@@ -26,7 +26,7 @@ import align_cli.losses as losses_module
 import align_cli.stages.sft as sft_stage
 from align_cli.cli import app
 from align_cli.engine import loop as loop_module
-from align_cli.engine.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
+from align_cli.engine.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, write_manifest
 from align_cli.models import ModelError, load_causal_lm, load_reward_model
 from align_cli.recipe import ModelSection, load_recipe
 from align_cli.stages.dpo import run_dpo
@@ -415,6 +415,7 @@ def test_trainer_state_is_loaded_with_weights_only(
     out.mkdir()
     shutil.copytree(straight["sft"] / "checkpoint-0000004", out / "checkpoint-0000004")
     torch.save(RunsCode(marker), out / "checkpoint-0000004" / victim)
+    write_manifest(out / "checkpoint-0000004")  # a forger rewrites the manifest too: the pickle still fails
     # accelerate alone would skip an unreadable RNG file with a log line; here it is an error
     with pytest.raises(CheckpointError, match="cannot be loaded.*weights_only=True"):
         recipe = make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", out, SFT_SETS)

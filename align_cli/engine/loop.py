@@ -34,7 +34,7 @@ from rich.progress import (
 
 from align_cli.data.collate import plan_epoch, shard
 from align_cli.data.formats import DataError
-from align_cli.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.checkpoint import SaveSchedule, latest_checkpoint, load_checkpoint, save_checkpoint
 from align_cli.engine.distributed import configure_deepspeed
 from align_cli.engine.faults import fault_point
 from align_cli.engine.metrics import MetricsLog
@@ -60,7 +60,10 @@ def last_good_checkpoint(run_dir: Path) -> str:
     """How to go on after a fatal error, for error messages."""
     found = latest_checkpoint(run_dir)
     if found is None:
-        return "no checkpoint was saved before it (training.save_every sets how often one is)"
+        return (
+            "no checkpoint was saved before it (training.save_every and save_every_minutes set how often "
+            "one is)"
+        )
     return f"the last good checkpoint, {found}, is kept: fix the cause and add --resume"
 
 
@@ -166,6 +169,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingSection, total_
     if t.scheduler == "linear":
         return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     return get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def apply_training_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t: TrainingSection) -> None:
+    """Put the recipe's lr, betas, eps and weight decay back into the optimizer and scheduler after a
+    checkpoint restored theirs: a resume with changed values uses them from its next step, at the
+    schedule's current position (the schedule's shape is the recipe's already). Unchanged values give
+    the same numbers the checkpoint held."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the LambdaLR
+    inner.base_lrs = [t.lr for _ in inner.base_lrs]
+    lrs = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    decays = (t.weight_decay, 0.0)  # build_optimizer's groups: decayed weights, then biases and norms
+    for group, lr, decay in zip(optimizer.param_groups, lrs, decays):
+        group.update(lr=lr, initial_lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=decay)
+    inner._last_lr = lrs
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -316,6 +333,7 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
             state = load_checkpoint(acc, checkpoint)
+            apply_training_settings(optimizer, scheduler, t)
             step, skipped = state["step"], state.get("skipped_steps", 0)
             pending_eval = state.get("pending_eval", False)  # stopped in the middle of an evaluation
             spec.set_state(state.get("stage", {}))
@@ -328,12 +346,16 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         total_tokens = 0
         first_loss = next((r["loss"] for r in metrics.rows if "loss" in r), None) if metrics else None
+        schedule = SaveSchedule.for_run(
+            t.save_every, t.save_every_minutes, self.total_steps, time.monotonic()
+        )
 
         def save(at: int, pending: bool = False) -> Path:
             nonlocal last_saved
             state = {"stage": spec.get_state(), "skipped_steps": skipped, "pending_eval": pending}
             path = save_checkpoint(acc, self.run_dir, at, state, t.keep_last)
             last_saved = at
+            schedule.saved(time.monotonic())
             if metrics:
                 metrics.flush()
             return path
@@ -432,7 +454,7 @@ class Trainer:
                         if metrics:
                             metrics.add({"step": step, **ev})
                     progress.update(task, completed=step)
-                    if t.save_every and step % t.save_every == 0 and step < self.total_steps:
+                    if step < self.total_steps and schedule.due_now(step, acc):
                         save(step)
                     if self._stop_requested(stop):
                         stop_here(step)

@@ -13,9 +13,16 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from align_cli.data.tokenize import DataStats
-from align_cli.engine.checkpoint import CheckpointError, latest_checkpoint, publish_dir
+from align_cli.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    latest_checkpoint,
+    publish_dir,
+    set_aside_damaged,
+)
 from align_cli.engine.loop import make_accelerator
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.engine.resume import Resume, check_resume, record_data_identity, resume_options
 from align_cli.engine.signals import StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.models import count_parameters, save_model
 from align_cli.recipe import Recipe, RecipeError
@@ -60,19 +67,34 @@ def split_holdout(examples: list[Any], fraction: float, seed: int) -> tuple[list
     ]
 
 
-def open_run(recipe: Recipe, resume: bool) -> tuple[Path, Accelerator]:
-    """Create (or reopen, with --resume) the run directory and the accelerator; save the recipe."""
+def open_run(recipe: Recipe, resume: bool | Resume) -> tuple[Path, Accelerator]:
+    """Create (or reopen, with --resume) the run directory and the accelerator; save the recipe.
+
+    A resume first sets damaged checkpoints aside (``Resume.from_previous``) and compares the recipe with
+    the run's own (align_cli/engine/resume.py), before recipe.yaml is rewritten."""
     from accelerate.utils import broadcast_object_list
 
+    options = resume_options(resume)
     accelerator = make_accelerator(recipe.training.precision)
     chosen = [recipe.output.dir or str(default_run_dir(recipe.stage or "run"))]
     if accelerator.num_processes > 1:  # every process must agree on a timestamped default
         broadcast_object_list(chosen)
     run_dir = Path(chosen[0])
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume, recipe.output.overwrite, recipe.stage)
+        if options is not None and options.from_previous:
+            for damaged in set_aside_damaged(run_dir):
+                logging.getLogger("align").warning(
+                    "%s does not match its manifest: set aside as %s (not loaded; delete it when done)",
+                    damaged.with_suffix(""),
+                    damaged,
+                )
+        prepare_run_dir(run_dir, options is not None, recipe.output.overwrite, recipe.stage)
+        if options is not None:
+            latest = latest_checkpoint(run_dir)
+            check_resume(recipe, run_dir, options, checkpoint_step(latest) if latest else 0)
         recipe.output.dir = str(run_dir)
         recipe.save(run_dir / "recipe.yaml")
+        record_data_identity(recipe, run_dir)
     accelerator.wait_for_everyone()
     return run_dir, accelerator
 

@@ -39,6 +39,7 @@ from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
+from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
 from align_cli.memory import print_estimate
@@ -311,10 +312,11 @@ def cache_reference_logps(
         if accelerator.is_main_process:
             accelerator.wait_for_everyone()
         info["seconds"] = round(time.perf_counter() - started, 3)
+        outcome = "entry corrupt (see the warning above)" if info["corrupt"] else "miss"
         what = (
             "cache hit, reused"
             if info["hit"]
-            else f"cache miss, computed in {info['seconds']:.1f} s and saved to"
+            else f"cache {outcome}, computed in {info['seconds']:.1f} s and saved to"
         )
         console.print(
             f"[bold]reference log-probs[/] ({name}, {len(examples)} examples): {what} {info['path']}"
@@ -330,7 +332,7 @@ def cache_reference_logps(
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     resolve_policy(recipe, console)
     require(recipe, "model.name_or_path", "data.train")
@@ -347,6 +349,7 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
     if not cfg.reference_free and cfg.reference_cache:
         sets = {"train": train_all, "eval": held}
         ref_info["cache"] = cache_reference_logps(recipe, model, accelerator, tokenizer, sets, console)
+        ref_info["corrupt_entries_recomputed"] = sum(info["corrupt"] for info in ref_info["cache"].values())
     elif not cfg.reference_free:
         ref_path = cfg.reference_model or recipe.model.name_or_path
         separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
@@ -382,7 +385,7 @@ def run_dpo(recipe: Recipe, resume: bool = False, console: Console | None = None
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
     print_estimate(recipe, model, accelerator, console, frozen={"reference": ref_model})
-    result = trainer.run(resume=resume)
+    result = trainer.run(resume=bool(resume))
     plots = ("loss", "eval/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin")
     summary = finish_run(
         "dpo", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console, plots

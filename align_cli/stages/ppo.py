@@ -47,11 +47,18 @@ from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
-from align_cli.engine.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from align_cli.engine.checkpoint import (
+    SaveSchedule,
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from align_cli.engine.distributed import configure_deepspeed, for_generation, mean_across
 from align_cli.engine.faults import fault_point
 from align_cli.engine.loop import (
     NonFiniteError,
+    apply_training_settings,
     build_optimizer,
     build_scheduler,
     check_finite,
@@ -59,6 +66,7 @@ from align_cli.engine.loop import (
     nan_context,
 )
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read_rows
+from align_cli.engine.resume import Resume
 from align_cli.engine.session import open_run, save_final
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.generation import SamplingParams, sample
@@ -438,7 +446,7 @@ def _resolve(recipe: Recipe) -> tuple[str, str, str]:
     return policy, scorer, prompts
 
 
-def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     p, t = recipe.ppo, recipe.training
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
@@ -527,6 +535,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(acc, checkpoint)
+        apply_training_settings(optimizer, scheduler, t)
         start = state["step"]
         kl_ctl.load_state_dict(state["stage"]["kl_ctl"])
         ctx["skipped"] = state.get("skipped_steps", 0)
@@ -542,6 +551,7 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
     order_gen = torch.Generator().manual_seed(t.seed)
     prompt_order = torch.randperm(len(prompts), generator=order_gen).tolist()
     started, first_score = time.perf_counter(), None
+    schedule = SaveSchedule.for_run(t.save_every, t.save_every_minutes, iterations, time.monotonic())
     columns = (
         TextColumn("[bold]ppo"),
         BarColumn(),
@@ -601,8 +611,9 @@ def run_ppo(recipe: Recipe, resume: bool = False, console: Console | None = None
                 completed=iteration + 1,
                 info=f"score {row['score/mean']:.3f} kl {row['objective/kl']:.3f}",
             )
-            if t.save_every and (iteration + 1) % t.save_every == 0 and iteration + 1 < iterations:
+            if iteration + 1 < iterations and schedule.due_now(iteration + 1, acc):
                 save_checkpoint(acc, run_dir, iteration + 1, checkpoint_state(ctx), t.keep_last)
+                schedule.saved(time.monotonic())
                 if metrics:
                     metrics.flush()
             if stop_requested(stop, acc):

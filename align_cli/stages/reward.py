@@ -33,6 +33,7 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.metrics import print_table
+from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
 from align_cli.memory import print_estimate
@@ -189,7 +190,9 @@ def resolve_model(recipe: Recipe, console: Console) -> None:
     console.print(f"[bold]model[/] {previous} (the last `align sft` output)")
 
 
-def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_reward(
+    recipe: Recipe, resume: bool | Resume = False, console: Console | None = None
+) -> dict[str, Any]:
     console = console or Console()
     require(recipe, "data.train")
     resolve_model(recipe, console)
@@ -219,7 +222,7 @@ def run_reward(recipe: Recipe, resume: bool = False, console: Console | None = N
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
     print_estimate(recipe, model, accelerator, console)
-    result = trainer.run(resume=resume)
+    result = trainer.run(resume=bool(resume))
     if result["final_eval"]:
         result["final_eval"]["eval/reward_std"] = reward_std(result["final_eval"], "eval/")
     plots = ("loss", "eval/loss", "accuracy", "eval/accuracy", "reward_gap", "lr")

@@ -23,6 +23,7 @@ from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.loop import StageSpec, Trainer
+from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.memory import print_estimate
 from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
@@ -66,7 +67,7 @@ def prepare_sft_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
     return train, held, {"train": stats, "eval": eval_stats}
 
 
-def run_sft(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+def run_sft(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     require(recipe, "model.name_or_path", "data.train")
     tokenizer = load_tokenizer(recipe.model)
@@ -85,5 +86,5 @@ def run_sft(recipe: Recipe, resume: bool = False, console: Console | None = None
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
     print_estimate(recipe, model, accelerator, console)
-    result = trainer.run(resume=resume)
+    result = trainer.run(resume=bool(resume))
     return finish_run("sft", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console)
