@@ -169,8 +169,9 @@ def detect_kind(obj: dict[str, Any], allowed: Iterable[str] = KINDS) -> str | No
     return next((kind for kind in fitting if kind in allowed), None)
 
 
-def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...]) -> str:
-    """What a record holds and how to map it onto a kind the stage takes."""
+def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...], found: str | None) -> str:
+    """What a record holds and how to map it onto a kind the stage takes (a record of a known kind the
+    stage cannot use, e.g. chats for DPO, is other data, not a naming problem)."""
     wanted = {
         "alpaca": "instruction, input, output",
         "prompt_completion": "prompt, completion",
@@ -182,6 +183,8 @@ def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...]) -> str:
     first = next(iter(obj), "COLUMN")
     fields = ", ".join(obj) or "none"
     kinds = "; ".join(f"{k} ({wanted[k]})" for k in allowed)
+    if found is not None:
+        return f"found the fields {fields}; this command takes {kinds}"
     return (
         f"found the fields {fields}; this command takes {kinds}. Map a column onto one of these with "
         f"data.columns, e.g. --set data.columns.prompt={first}, or give data.format"
@@ -354,7 +357,7 @@ def load_records(
         if kind is None:
             found = detect_kind(first)
             what = f"records are {found!r}" if found else "cannot tell the record kind"
-            raise DataError(f"{where}:{line}: {what}: {_kind_hint(first, allowed)}")
+            raise DataError(f"{where}:{line}: {what}: {_kind_hint(first, allowed, found)}")
     if kind not in allowed:
         raise DataError(f"{source}: records are {kind!r}; this command takes {', '.join(allowed)}")
     records, errors = [], []
