@@ -122,15 +122,25 @@ def refused_changes(changes: dict[str, Any]) -> dict[str, str]:
 
 
 def data_identity(recipe: Recipe) -> dict[str, dict[str, Any]]:
-    """{key: {path, bytes, sha256}} for the recipe's local data files (hub data sets are named only)."""
+    """{key: {path, bytes, sha256}} for the recipe's local data files (hub data sets are named only); a
+    mixture's sources as ``data.train[i]``."""
     from align_cli.reference_cache import file_digest
 
     tree = _leaves(Recipe, recipe.to_dict())
     identity = {}
     for key in _DATA_FILES:
-        path = Path(tree[key]) if tree.get(key) else None
-        if path is not None and path.is_file():
-            identity[key] = {"path": str(path), "bytes": path.stat().st_size, "sha256": file_digest(path)}
+        value = tree.get(key)
+        sources = value if isinstance(value, list) else [value]
+        for i, source in enumerate(sources):
+            name = source.get("path") if isinstance(source, dict) else source
+            path = Path(name) if name else None
+            if path is not None and path.is_file():
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                identity[where] = {
+                    "path": str(path),
+                    "bytes": path.stat().st_size,
+                    "sha256": file_digest(path),
+                }
     return identity
 
 
