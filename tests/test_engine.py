@@ -110,3 +110,41 @@ def test_partial_checkpoints_are_never_picked(tmp_path: Path):
     (tmp_path / "checkpoint-0000008.tmp").mkdir()  # a save that was killed
     (tmp_path / "checkpoint-0000012").mkdir()  # no trainer_state.json: incomplete
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-0000004"
+
+
+def test_lr_schedules_equal_transformers_own():
+    """build_scheduler writes the warmup/cosine/linear/constant factors itself (importing
+    transformers.optimization costs every command seconds); they must be transformers' numbers."""
+    from types import SimpleNamespace
+
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    from align_cli.engine.loop import build_scheduler
+
+    def lrs(scheduler, steps: int = 40) -> list[float]:
+        out = []
+        for _ in range(steps):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+
+    for warmup, total, floor in ((0, 30, 0.0), (5, 30, 0.1), (7, 12, 0.25)):
+        t = SimpleNamespace(warmup_steps=warmup, warmup_ratio=0.0, min_lr_ratio=floor)
+        theirs = {
+            "cosine": get_cosine_with_min_lr_schedule_with_warmup(
+                optimizer(), warmup, total, min_lr_rate=floor
+            ),
+            "linear": get_linear_schedule_with_warmup(optimizer(), warmup, total),
+            "constant": get_constant_schedule_with_warmup(optimizer(), warmup),
+        }
+        for name, reference in theirs.items():
+            ours = build_scheduler(optimizer(), SimpleNamespace(**vars(t), scheduler=name), total)
+            assert lrs(ours) == pytest.approx(lrs(reference), rel=1e-12, abs=0), (name, warmup, total)

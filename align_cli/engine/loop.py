@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,21 +155,28 @@ def build_optimizer(model: torch.nn.Module, t: TrainingSection) -> torch.optim.O
     return bnb.optim.PagedAdamW8bit(groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingSection, total_steps: int) -> Any:
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_with_min_lr_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+def lr_factor(step: int, scheduler: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """The multiple of training.lr at ``step``: linear warmup from 0 over ``warmup`` steps, then constant,
+    linear decay to 0, or half a cosine down to ``min_ratio`` at ``total`` (Llama 2: 0.1). The same numbers
+    as transformers' get_*_schedule_with_warmup, whose module costs every command seconds of imports
+    (transformers.trainer_utils pulls in peft)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if scheduler == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, cosine * (1 - min_ratio) + min_ratio)
 
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingSection, total_steps: int) -> Any:
     warmup = max(t.warmup_steps, math.ceil(t.warmup_ratio * total_steps))
-    if t.scheduler == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, warmup, total_steps, min_lr_rate=t.min_lr_ratio
-        )
-    if t.scheduler == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+    factor = partial(
+        lr_factor, scheduler=t.scheduler, warmup=warmup, total=total_steps, min_ratio=t.min_lr_ratio
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def apply_training_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t: TrainingSection) -> None:
