@@ -24,7 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-test: install lint unit-test smoke-test
+# The unit tests and the smoke test run side by side: the smoke test's 19 commands mostly wait on
+# imports (one core), the unit tests use the other; each one's output is printed whole when it ends.
+test: install lint
+	$(MAKE) --no-print-directory -j2 --output-sync=target unit-test smoke-test
 
 unit-test: install
 	$(BIN)/python -m pytest
