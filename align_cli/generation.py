@@ -118,12 +118,12 @@ def sample(
     was_training = model.training
     model.eval()
     out: list[Sample] = []
-    for batch_index, start in enumerate(range(0, len(prompts), params.prompts_per_batch)):
-        chunk = prompts[start : start + params.prompts_per_batch]
-        ids, mask = left_pad(chunk, pad, device)
-        torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
-        greedy = params.temperature <= 0
-        with neutral_generation_config(model, tokenizer):
+    with neutral_generation_config(model, tokenizer):  # the model's own config, swapped out once
+        for batch_index, start in enumerate(range(0, len(prompts), params.prompts_per_batch)):
+            chunk = prompts[start : start + params.prompts_per_batch]
+            ids, mask = left_pad(chunk, pad, device)
+            torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
+            greedy = params.temperature <= 0
             generated = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -138,21 +138,21 @@ def sample(
                 use_cache=True,
                 synced_gpus=synced_gpus,
             )
-        new = generated[:, ids.shape[1] :].tolist()
-        for row, tokens in enumerate(new):
-            prompt_row = row // params.n
-            cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
-            out.append(
-                Sample(
-                    prompt_index=start + prompt_row,
-                    sample_index=row % params.n,
-                    prompt_ids=chunk[prompt_row],
-                    response_ids=tokens[:cut] if cut else tokens,
-                    finished=cut is not None,
+            new = generated[:, ids.shape[1] :].tolist()
+            for row, tokens in enumerate(new):
+                prompt_row = row // params.n
+                cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+                out.append(
+                    Sample(
+                        prompt_index=start + prompt_row,
+                        sample_index=row % params.n,
+                        prompt_ids=chunk[prompt_row],
+                        response_ids=tokens[:cut] if cut else tokens,
+                        finished=cut is not None,
+                    )
                 )
-            )
-        if progress is not None:
-            progress(len(new))
+            if progress is not None:
+                progress(len(new))
     model.train(was_training)
     return out
 

@@ -220,8 +220,8 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
     actor.train()
     ref_logps = reference_logprobs(ctx, batch, collated["buckets"])
     texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    finished = torch.tensor([s.finished for s in samples], device=mask.device)
     ended = [s.finished for s in samples]
+    finished = torch.tensor(ended, device=mask.device)
     raw = torch.tensor(
         score(ctx["scorer"], ctx["scorer_tokenizer"], prompts, texts, recipe.data.template, ended),
         device=mask.device,
