@@ -1,9 +1,12 @@
-"""The ``align`` command line: one thin function per subcommand, nothing but argument handling."""
+"""The ``align`` command line: argument handling only. The training commands are generated from the stage
+registry (``align_cli/stages/__init__.py``); the work itself lives in the modules the commands call."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +15,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from align_cli.engine.resume import Resume
-from align_cli.recipe import RecipeError, load_recipe
+from align_cli.errors import AlignError
+from align_cli.recipe import load_recipe
+from align_cli.stages import STAGES, Stage
 
 # Under torchrun / accelerate launch only the main process (RANK 0) prints tables and progress;
 # errors and warnings still come from every process.
@@ -33,62 +38,72 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect and validate data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-# ----------------------------------------------------------------------------- common flags
-RecipeOpt = Annotated[
-    Path | None, typer.Option("--recipe", "-r", help="YAML recipe file.", show_default=False)
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="Hub id or local directory (model.name_or_path).", show_default=False),
-]
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data", "-d", help="Training JSONL file or hub data set id (data.train).", show_default=False
+
+def _option(kind: Any, *names: str, help: str) -> Any:
+    return Annotated[kind, typer.Option(*names, help=help, show_default=False)]
+
+
+# ----------------------------------------------------------------------------- common options, once
+RecipeOpt = _option(Path | None, "--recipe", "-r", help="YAML recipe file.")
+ModelOpt = _option(str | None, "--model", "-m", help="Hub id or local directory (model.name_or_path).")
+SetOpt = _option(
+    list[str] | None, "--set", "-s", help="Override a recipe value, e.g. --set training.lr=1e-5 (repeatable)."
+)
+# name, annotation, default, recipe key: the options of every training command
+COMMON: list[tuple[str, Any, Any, str | None]] = [
+    ("recipe", RecipeOpt, None, None),
+    ("model", ModelOpt, None, "model.name_or_path"),
+    (
+        "data",
+        _option(str | None, "--data", "-d", help="Training data file or hub id (data.train)."),
+        None,
+        "data.train",
+    ),
+    (
+        "out",
+        _option(Path | None, "--out", "-o", help="Run directory (output.dir); default runs/<stage>/<time>."),
+        None,
+        "output.dir",
+    ),
+    ("set_", SetOpt, None, None),
+    (
+        "resume",
+        _option(bool, "--resume", help="Continue the run in --out from its last complete checkpoint."),
+        False,
+        None,
+    ),
+    ("seed", _option(int | None, "--seed", help="Random seed (training.seed)."), None, "training.seed"),
+    (
+        "max_steps",
+        _option(int | None, "--max-steps", help="Stop after this many optimizer steps (training.max_steps)."),
+        None,
+        "training.max_steps",
     ),
 ]
-OutOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--out", "-o", help="Run directory (output.dir); default runs/<stage>/<time>.", show_default=False
+RESUME_VARIANTS: list[tuple[str, Any, Any, str | None]] = [
+    (
+        "resume_from_previous",
+        _option(
+            bool,
+            "--resume-from-previous",
+            help="Like --resume; when the last checkpoint does not match its manifest (a damaged file), "
+            "continue from the newest earlier one that does (the damaged one is kept as "
+            "checkpoint-N.damaged).",
+        ),
+        False,
+        None,
     ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        help="Override a recipe value, e.g. --set training.lr=1e-5 (repeatable).",
-        show_default=False,
-    ),
-]
-ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")
-]
-FromPreviousOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume-from-previous",
-        help="Like --resume; when the last checkpoint does not match its manifest (a damaged file), continue "
-        "from the newest earlier one that does (the damaged one is kept as checkpoint-N.damaged).",
-    ),
-]
-WithChangesOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume-with-changes",
-        help="Like --resume, with a recipe that differs in what decides the data order or the update "
-        "(data, seed, batch sizes, lr, ...): the new values apply from the last checkpoint on and are "
-        "recorded in RUN/resume_changes.jsonl.",
-    ),
-]
-SeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Random seed (training.seed).", show_default=False)
-]
-MaxStepsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-steps", help="Stop after this many optimizer steps (training.max_steps).", show_default=False
+    (
+        "resume_with_changes",
+        _option(
+            bool,
+            "--resume-with-changes",
+            help="Like --resume, with a recipe that differs in what decides the data order or the update "
+            "(data, seed, batch sizes, lr, ...): the new values apply from the last checkpoint on and are "
+            "recorded in RUN/resume_changes.jsonl.",
+        ),
+        False,
+        None,
     ),
 ]
 
@@ -103,9 +118,13 @@ def _setup_logging() -> None:
     # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional 4-bit CPU kernel package is
     # missing; align never runs 4-bit on a CPU (QLoRA needs CUDA)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar is the one to watch (called once a recipe is valid: it imports transformers)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    hf_logging.disable_progress_bar()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -113,67 +132,6 @@ def _fail(message: str, code: int = 2) -> None:
 
     err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
-
-
-def _run_stage(
-    stage: str,
-    runner: Any,
-    recipe: Path | None,
-    model: str | None,
-    data: str | None,
-    out: Path | None,
-    sets: list[str] | None,
-    resume: bool | Resume,
-    seed: int | None,
-    max_steps: int | None,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """Flags -> recipe overrides; run the stage; known errors become one red line and exit code 2."""
-    from align_cli.engine.signals import StoppedBySignal
-    from align_cli.runs import release_run_dirs
-
-    _setup_logging()
-    overrides = {
-        "model.name_or_path": model,
-        "data.train": data,
-        "output.dir": str(out) if out else None,
-        "training.seed": seed,
-        "training.max_steps": max_steps,
-        **(extra or {}),
-    }
-    try:
-        parsed = load_recipe(recipe, overrides, sets, stage=stage)
-        runner(parsed, resume=resume, console=console)
-    except _known_errors() as exc:
-        _fail(str(exc))
-    except StoppedBySignal as stopped:  # a requested stop with a checkpoint saved is a clean exit
-        console.print(f"[bold yellow]{stopped}[/]")
-        if stopped.final_save:
-            console.print("stopped by signal after the run finished; there is nothing to resume")
-        else:
-            console.print(f"stopped by signal; resume with: {resume_command(stopped.stage, stopped.run_dir)}")
-        raise typer.Exit(0) from None
-    except KeyboardInterrupt:
-        _fail("interrupted", code=130)
-    finally:
-        release_run_dirs()  # the run folders this command held (CliRunner runs many in one process)
-
-
-def _known_errors() -> tuple[type[Exception], ...]:
-    """Bad input or a known fault, each with a message that names what and where: one red line, exit 2."""
-    from align_cli.data.formats import DataError
-    from align_cli.data.templates import TemplateError
-    from align_cli.engine.checkpoint import CheckpointError
-    from align_cli.engine.loop import NonFiniteError
-    from align_cli.models import ModelError
-    from align_cli.runs import RunDirError
-
-    return (RecipeError, DataError, TemplateError, ModelError, RunDirError, CheckpointError, NonFiniteError)
-
-
-def _resume(resume: bool, from_previous: bool, with_changes: bool) -> bool | Resume:
-    """The three resume flags as a stage's ``resume`` argument; either variant implies --resume."""
-    return Resume(from_previous, with_changes) if from_previous or with_changes else resume
 
 
 def resume_command(stage: str, run_dir: Path) -> str:
@@ -185,149 +143,121 @@ def resume_command(stage: str, run_dir: Path) -> str:
     )
 
 
-def _not_implemented(stage: str) -> None:
-    _fail(f"`align {stage}` is not implemented yet in this version; see the README for what is.")
+def _guarded(
+    action: Callable[[], Any], again: str = "run the same command again to continue", quiet: bool = True
+) -> None:
+    """The one place errors are printed: an AlignError becomes one red line and exit code 2; a stop by
+    signal (checkpoint saved) is a clean exit that says how to continue."""
+    from align_cli.engine.signals import StoppedBySignal
+    from align_cli.runs import release_run_dirs
+
+    _setup_logging()
+    try:
+        if quiet:
+            quiet_libraries()
+        action()
+    except AlignError as exc:
+        _fail(str(exc))
+    except StoppedBySignal as stopped:
+        console.print(f"[bold yellow]{stopped}[/]")
+        if stopped.final_save:
+            console.print("stopped by signal after the run finished; there is nothing to resume")
+        else:
+            how = again or f"resume with: {resume_command(stopped.stage, stopped.run_dir)}"
+            console.print(f"stopped by signal; {how}")
+        raise typer.Exit(0) from None
+    except KeyboardInterrupt:
+        _fail("interrupted", code=130)
+    finally:
+        release_run_dirs()  # the run folders this command held (CliRunner runs many in one process)
 
 
 # ----------------------------------------------------------------------------- training stages
 
 
-@app.command(
-    epilog="Examples:\n\n"
-    "  align sft --recipe recipes/sft-tiny.yaml\n\n"
-    "  align sft -m examples/models/tiny -d examples/data/alpaca.jsonl \\\n\n"
-    "      --set training.lr=1e-3 --max-steps 50\n\n"
-    "  align sft -r recipes/sft-tiny.yaml -o runs/sft-a --resume",
-)
-def sft(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    resume_from_previous: FromPreviousOpt = False,
-    resume_with_changes: WithChangesOpt = False,
-    seed: SeedOpt = None,
-    max_steps: MaxStepsOpt = None,
-) -> None:
-    """Supervised fine-tuning: loss on response tokens only (Alpaca, prompt/completion, chat, text)."""
-    from align_cli.stages.sft import run_sft
+def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
+    """The `align <stage>` command: common options, the stage's own flags; each sets one recipe key."""
+    options = COMMON + (RESUME_VARIANTS if stage.resume_variants else [])
+    for flag in stage.flags:
+        name = flag.name.lstrip("-").replace("-", "_")
+        options.append((name, _option(flag.type | None, flag.name, help=flag.help), None, flag.key))
 
-    _run_stage(
-        "sft",
-        run_sft,
-        recipe,
-        model,
-        data,
-        out,
-        set_,
-        _resume(resume, resume_from_previous, resume_with_changes),
-        seed,
-        max_steps,
-    )
+    def command(ctx: typer.Context | None = None, **given: Any) -> None:
+        if ctx is not None and ctx.invoked_subcommand is not None:
+            if any(value not in (None, False) for value in given.values()):
+                _fail(f"`align {stage.name} {ctx.invoked_subcommand}` takes its own flags, after its name")
+            return
+        from_previous, with_changes = given.get("resume_from_previous"), given.get("resume_with_changes")
+        resume = (
+            Resume(bool(from_previous), bool(with_changes))
+            if from_previous or with_changes
+            else given["resume"]
+        )
+        overrides = {key: given[name] for name, _, _, key in options if key}
+        if overrides["output.dir"] is not None:
+            overrides["output.dir"] = str(overrides["output.dir"])
+
+        def run() -> None:
+            recipe = load_recipe(given["recipe"], overrides, given["set_"], stage=stage.name)
+            quiet_libraries()
+            stage.load().run(recipe, resume=resume, console=console)
+
+        _guarded(run, again="", quiet=False)
+
+    params = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+        for n, a, d, _ in options
+    ]
+    if group:
+        params.insert(0, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}  # what typer reads
+    command.__doc__ = stage.help
+    command.__name__ = stage.name.replace("-", "_")
+    return command
 
 
-def _placeholder(stage: str, summary: str) -> None:
-    def command(
-        recipe: RecipeOpt = None,
-        model: ModelOpt = None,
-        data: DataOpt = None,
-        out: OutOpt = None,
-        set_: SetOpt = None,
-        resume: ResumeOpt = False,
-        seed: SeedOpt = None,
-        max_steps: MaxStepsOpt = None,
-    ) -> None:
-        _not_implemented(stage)
-
-    command.__doc__ = f"{summary} [not implemented yet]"
-    app.command(name=stage)(command)
+def _epilog(examples: tuple[str, ...]) -> str:
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in examples)
 
 
 reward_app = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False)
-app.add_typer(reward_app, name="reward")
-
-
-@reward_app.callback(
-    invoke_without_command=True,
-    epilog="Examples:\n\n"
-    "  align reward --recipe recipes/reward-tiny.yaml\n\n"
-    "  align reward -d examples/data/prefs.jsonl      (starts from the last `align sft` output)\n\n"
-    "  align reward -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (K-way rankings)\n\n"
-    "  align reward -r recipes/reward-tiny.yaml --set reward.use_margin=false \\\n\n"
-    "      --set reward.center_coef=0.01\n\n"
-    "  align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl",
-)
-def reward(
-    ctx: typer.Context,
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    resume_from_previous: FromPreviousOpt = False,
-    resume_with_changes: WithChangesOpt = False,
-    seed: SeedOpt = None,
-    max_steps: MaxStepsOpt = None,
-) -> None:
-    """Train a reward model on pairwise, rated or ranked preferences; `align reward score` applies one.
-
-    Pairs (prompt/chosen/rejected, or HH-style conversations) with an optional Llama 2 margin or rating,
-    and rankings (prompt + responses best first, or with scores; all C(K,2) pairs, one forward pass per
-    response). Defaults as Llama 2: 1 epoch, lr 1e-5, cosine to 10%, warmup 3% (at least 5 steps)."""
-    if ctx.invoked_subcommand is not None:
-        resumes = resume or resume_from_previous or resume_with_changes
-        if recipe or model or data or out or set_ or resumes or seed is not None or max_steps is not None:
-            _fail(f"`align reward {ctx.invoked_subcommand}` takes its own flags, after its name")
-        return
-    from align_cli.stages.reward import run_reward
-
-    _run_stage(
-        "reward",
-        run_reward,
-        recipe,
-        model,
-        data,
-        out,
-        set_,
-        _resume(resume, resume_from_previous, resume_with_changes),
-        seed,
-        max_steps,
-    )
+GROUPS = {"reward": reward_app}  # stages with helper subcommands (`align reward score`)
+for _stage in STAGES.values():
+    if _stage.name in GROUPS:
+        GROUPS[_stage.name].callback(invoke_without_command=True, epilog=_epilog(_stage.examples))(
+            _stage_command(_stage, group=True)
+        )
+        app.add_typer(GROUPS[_stage.name], name=_stage.name)
+    else:
+        app.command(_stage.name, epilog=_epilog(_stage.examples))(_stage_command(_stage))
 
 
 @reward_app.command(
     "score",
-    epilog="Examples:\n\n"
-    "  align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl\n\n"
-    "  align reward score --data examples/data/ranked.jsonl | head -3      (the last reward model; stdout)",
+    epilog=_epilog(
+        (
+            "align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl",
+            "align reward score --data examples/data/ranked.jsonl | head -3      (the last reward model)",
+        )
+    ),
 )
 def reward_score(
     data: Annotated[
         str, typer.Option("--data", "-d", help="JSONL: pairs, rankings, prompt/completion or messages.")
     ],
-    model: Annotated[
+    model: _option(
+        str | None, "--model", "-m", help="Reward model directory; default: the last `align reward` output."
+    ) = None,
+    out: _option(Path | None, "--out", "-o", help="JSONL file to write; default: stdout.") = None,
+    template: _option(
         str | None,
-        typer.Option(
-            "--model", "-m", help="Reward model directory; default: the last `align reward` output."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="JSONL file to write; default: stdout.", show_default=False),
-    ] = None,
-    template: Annotated[
-        str | None,
-        typer.Option(
-            "--template", help="auto, alpaca, chat or plain; default: what the model was trained with."
-        ),
-    ] = None,
-    max_length: Annotated[
-        int | None,
-        typer.Option("--max-length", help="Token limit; default: what the model was trained with."),
-    ] = None,
+        "--template",
+        help="auto, alpaca, chat or plain; default: what the model was trained with.",
+    ) = None,
+    max_length: _option(
+        int | None, "--max-length", help="Token limit; default: what the model was trained with."
+    ) = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
 ) -> None:
     """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
@@ -338,167 +268,22 @@ def reward_score(
     _guarded(lambda: run_score(model, data, out, template, max_length, batch_size))
 
 
-@app.command(
-    epilog="Examples:\n\n"
-    "  align dpo --data examples/data/prefs.jsonl      (policy and reference: the last sft output)\n\n"
-    "  align dpo --recipe recipes/dpo-tiny.yaml --set dpo.beta=0.5 --set dpo.loss_type=ipo\n\n"
-    "  align dpo -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (Plackett-Luce rankings)\n\n"
-    "  align dpo -r recipes/dpo-tiny.yaml --set dpo.reference_cache=false      (live reference model)\n\n"
-    "  align sft -m MODEL -d examples/data/prefs.jsonl      (Preferred-FT baseline: SFT on the chosen)",
-)
-def dpo(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    resume_from_previous: FromPreviousOpt = False,
-    resume_with_changes: WithChangesOpt = False,
-    seed: SeedOpt = None,
-    max_steps: MaxStepsOpt = None,
-) -> None:
-    """Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce) on pairs or rankings."""
-    from align_cli.stages.dpo import run_dpo
-
-    _run_stage(
-        "dpo",
-        run_dpo,
-        recipe,
-        model,
-        data,
-        out,
-        set_,
-        _resume(resume, resume_from_previous, resume_with_changes),
-        seed,
-        max_steps,
-    )
-
-
-@app.command(
-    "rejection-sample",
-    epilog="Examples:\n\n"
-    "  align rejection-sample --n 16 --prompts examples/data/prompts.jsonl      (last sft + last reward)\n\n"
-    "  align rejection-sample -r recipes/rejection-tiny.yaml --rounds 2 --then sft\n\n"
-    "  align rejection-sample -m runs/sft/final --reward-model runs/reward/final --prompts p.jsonl \\\n\n"
-    "      --set rejection.select=top_k --set rejection.keep=2",
-)
-def rejection_sample(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    seed: SeedOpt = None,
-    max_steps: MaxStepsOpt = None,
-    n: Annotated[
-        int | None, typer.Option("--n", help="Samples per prompt (rejection.n).", show_default=False)
-    ] = None,
-    prompts: Annotated[
-        str | None, typer.Option("--prompts", help="Prompt JSONL (rejection.prompts).", show_default=False)
-    ] = None,
-    reward_model: Annotated[
-        str | None,
-        typer.Option(
-            "--reward-model",
-            help="Reward model (default: the last `align reward` output).",
-            show_default=False,
-        ),
-    ] = None,
-    rounds: Annotated[
-        int | None, typer.Option("--rounds", help="Sample/select rounds.", show_default=False)
-    ] = None,
-    then: Annotated[
-        str | None, typer.Option("--then", help="'sft': fine-tune on the selected samples after each round.")
-    ] = None,
-) -> None:
-    """Best-of-N (Llama 2 rejection sampling): sample N per prompt, score, keep the best, optionally SFT.
-
-    Writes samples.jsonl (every sample and its reward), best.jsonl (SFT-ready), pairs.jsonl (best vs
-    worst, ready for `align dpo` / `align reward`) and a table of reward by N with the analytic KL."""
-    from align_cli.stages.rejection_sampling import run_rejection_sampling
-
-    extra = {
-        "rejection.n": n,
-        "rejection.prompts": prompts,
-        "rejection.reward_model": reward_model,
-        "rejection.rounds": rounds,
-        "rejection.then": then,
-    }
-    _run_stage(
-        "rejection-sample",
-        run_rejection_sampling,
-        recipe,
-        model,
-        data,
-        out,
-        set_,
-        resume,
-        seed,
-        max_steps,
-        extra,
-    )
-
-
-@app.command(
-    epilog="Examples:\n\n"
-    "  align ppo --prompts examples/data/prompts.jsonl      (policy: last sft; reward model: last reward)\n\n"
-    "  align ppo -r recipes/ppo-tiny.yaml --set ppo.kl_coef=0.2 --set ppo.adaptive_kl=true\n\n"
-    "  align ppo -r recipes/ppo-tiny.yaml --set ppo.ptx_data=reviews.jsonl --set ppo.ptx_coef=1.0",
-)
-def ppo(
-    recipe: RecipeOpt = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-    resume_from_previous: FromPreviousOpt = False,
-    resume_with_changes: WithChangesOpt = False,
-    seed: SeedOpt = None,
-    max_steps: MaxStepsOpt = None,
-    prompts: Annotated[
-        str | None, typer.Option("--prompts", help="Prompt JSONL (ppo.prompts).", show_default=False)
-    ] = None,
-    reward_model: Annotated[
-        str | None,
-        typer.Option(
-            "--reward-model",
-            help="Reward model (default: the last `align reward` output).",
-            show_default=False,
-        ),
-    ] = None,
-) -> None:
-    """RLHF with PPO (InstructGPT): per-token KL penalty to the SFT model, value model, GAE, PPO-ptx.
-
-    --max-steps counts PPO iterations (rollout + updates). Metrics per iteration in metrics.csv; a few
-    generations per iteration in samples.jsonl."""
-    from align_cli.stages.ppo import run_ppo
-
-    extra = {"ppo.prompts": prompts, "ppo.reward_model": reward_model}
-    _run_stage(
-        "ppo",
-        run_ppo,
-        recipe,
-        model,
-        data,
-        out,
-        set_,
-        _resume(resume, resume_from_previous, resume_with_changes),
-        seed,
-        max_steps,
-        extra,
-    )
-
-
 # ----------------------------------------------------------------------------- pipelines and evaluation
 
+_AGAIN_PIPELINE = "run the same command again to continue (finished stages are kept)"
+_CODE_WARNING = (
+    "is code: align imports it and runs it as Python code with your rights; run only recipes whose code "
+    "you trust."
+)
+
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  align pipeline --recipe examples/sentiment/pipeline.yaml\n\n"
-    "  align pipeline -r examples/sentiment/pipeline.yaml --set output=runs/sentiment-b",
+    epilog=_epilog(
+        (
+            "align pipeline --recipe examples/sentiment/pipeline.yaml",
+            "align pipeline -r examples/sentiment/pipeline.yaml --set output=runs/sentiment-b",
+        )
+    )
 )
 def pipeline(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe: stages to run in order.")],
@@ -509,16 +294,17 @@ def pipeline(
     Each stage runs in its own directory under `output`; a finished stage is not run again and an
     interrupted one resumes from its last checkpoint. `@name` in a value means that stage's final model.
 
-    A recipe's evaluate.ground_truth (`file.py:function`, used by `align frontier`) is code: align imports
-    it and runs it as Python code with your rights; run only recipes whose code you trust."""
+    A recipe's evaluate.ground_truth (`file.py:function`, used by `align frontier`)"""
     from align_cli.pipeline import load_pipeline, run_pipeline
 
-    _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console))
+    _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console), _AGAIN_PIPELINE)
+
+
+pipeline.__doc__ += _CODE_WARNING
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  align frontier --recipe examples/sentiment/frontier.yaml      (what `make demo` runs)",
+    epilog=_epilog(("align frontier --recipe examples/sentiment/frontier.yaml      (what `make demo` runs)",))
 )
 def frontier(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe with an evaluate section.")],
@@ -530,18 +316,23 @@ def frontier(
     over several beta, PPO over several KL coefficients, best-of-N over several N, Preferred-FT and
     the SFT start.
 
-    evaluate.ground_truth (`file.py:function` or `module:function`) is code: align imports it and runs it
-    as Python code with your rights; run only recipes whose code you trust."""
+    evaluate.ground_truth (`file.py:function` or `module:function`)"""
     from align_cli.pipeline import load_pipeline, run_frontier
 
-    _guarded(lambda: run_frontier(load_pipeline(recipe, set_), console))
+    _guarded(lambda: run_frontier(load_pipeline(recipe, set_), console), _AGAIN_PIPELINE)
+
+
+frontier.__doc__ += _CODE_WARNING
 
 
 @app.command(
     "eval",
-    epilog="Examples:\n\n"
-    "  align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl \\\n\n"
-    "      --ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
+    epilog=_epilog(
+        (
+            "align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl "
+            "--ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
+        )
+    ),
 )
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="The policy to evaluate.")],
@@ -551,8 +342,7 @@ def eval_command(
         str | None,
         typer.Option(
             "--ground-truth",
-            help="module:function or file.py:function, text -> reward. This is code: align imports it and "
-            "runs it as Python code with your rights; name only code you trust.",
+            help="module:function or file.py:function, text -> reward. This " + _CODE_WARNING,
         ),
     ] = None,
     reward_model: Annotated[
@@ -566,61 +356,26 @@ def eval_command(
     ] = None,
 ) -> None:
     """Sample from a policy and its reference: mean reward, RM score, KL(policy || reference), win rate."""
-    from align_cli.data.prompts import load_prompts
-    from align_cli.engine.metrics import print_table
-    from align_cli.evaluate import Evaluator, load_reward_fn
+    from align_cli.evaluate import run_eval
 
-    def run() -> None:
-        fn = load_reward_fn(ground_truth) if ground_truth else None
-        evaluator = Evaluator(
-            reference,
-            load_prompts(prompts),
-            n=n,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            ground_truth=fn,
-            reward_model=reward_model,
+    _guarded(
+        lambda: run_eval(
+            model, reference, prompts, ground_truth, reward_model, n, max_new_tokens, seed, out, console
         )
-        summary, rows = evaluator.evaluate(model)
-        print_table(f"align eval: {model} vs {reference}", list(summary.items()), console)
-        if out:
-            import json
-
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(json.dumps(summary, indent=1))
-            (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    _guarded(run)
-
-
-def _guarded(action: Any) -> None:
-    """Run ``action``; known errors become one red line and exit code 2."""
-    from align_cli.engine.signals import StoppedBySignal
-    from align_cli.runs import release_run_dirs
-
-    _setup_logging()
-    try:
-        action()
-    except _known_errors() as exc:
-        _fail(str(exc))
-    except StoppedBySignal as stopped:
-        console.print(f"[bold yellow]{stopped}[/]")
-        console.print("stopped by signal; run the same command again to continue (finished stages are kept)")
-        raise typer.Exit(0) from None
-    except KeyboardInterrupt:
-        _fail("interrupted", code=130)
-    finally:
-        release_run_dirs()
+    )
 
 
 # ----------------------------------------------------------------------------- planning and export
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  align plan --recipe recipes/zephyr-7b/dpo.yaml\n\n"
-    "  align plan -r recipes/llama2-hh/sft.yaml --processes 8 --shard zero3\n\n"
-    "  align plan -r recipes/sft-tiny.yaml --set model.lora.enabled=true",
+    epilog=_epilog(
+        (
+            "align plan --recipe recipes/zephyr-7b/dpo.yaml",
+            "align plan -r recipes/llama2-hh/sft.yaml --processes 8 --shard zero3",
+            "align plan -r recipes/sft-tiny.yaml --set model.lora.enabled=true",
+        )
+    )
 )
 def plan(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe of any training stage.")],
@@ -641,37 +396,18 @@ def plan(
 
     Weights, gradients, optimizer state (by optimizer), activations of one micro-batch, frozen models
     (reference, reward model) and the sampling KV cache, so you know before launching whether a run fits."""
-    from align_cli.memory import SHARDING, plan_recipe
+    from align_cli.memory import print_plan
 
-    if shard not in SHARDING:
-        _fail(f"--shard {shard!r}: choose one of {', '.join(SHARDING)}")
-    if processes < 1:
-        _fail("--processes: must be >= 1")
-    if device not in ("cuda", "cpu"):
-        _fail(f"--device {device!r}: choose cuda or cpu")
-
-    def run() -> None:
-        parsed = load_recipe(recipe, {"model.name_or_path": model}, set_)
-        if not parsed.stage:
-            raise RecipeError(
-                f"recipe {recipe}: no `stage:`; add one (sft, reward, dpo, ppo, rejection-sample)"
-            )
-        estimate = plan_recipe(parsed, processes, shard, device)
-        t, name = parsed.training, parsed.model.name_or_path or "(chained)"
-        console.print(
-            f"[bold]plan[/] {recipe}: stage {parsed.stage}, model {name}, "
-            f"global batch {t.micro_batch_size} x {t.grad_accum} accumulation x {processes} process(es) = "
-            f"{t.micro_batch_size * t.grad_accum * processes}"
-        )
-        console.print(estimate.table())
-
-    _guarded(run)
+    _guarded(lambda: print_plan(recipe, model, set_, processes, shard, device, console))
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  align export --model runs/sft-lora/final --merge-lora --out models/sft-merged\n\n"
-    "  align export -m runs/dpo/final --out models/dpo-bf16 --dtype bfloat16",
+    epilog=_epilog(
+        (
+            "align export --model runs/sft-lora/final --merge-lora --out models/sft-merged",
+            "align export -m runs/dpo/final --out models/dpo-bf16 --dtype bfloat16",
+        )
+    )
 )
 def export(
     model: Annotated[str, typer.Option("--model", "-m", help="A run's final model (e.g. RUN/final).")],
@@ -702,9 +438,13 @@ def export(
 
 @app.command(
     "init-model",
-    epilog="Examples:\n\n  align init-model --preset tiny --out examples/models/tiny\n\n"
-    "  align init-model --preset small --out /tmp/small --seed 1\n\n"
-    "  align init-model --preset tiny --base --out /tmp/tiny-base",
+    epilog=_epilog(
+        (
+            "align init-model --preset tiny --out examples/models/tiny",
+            "align init-model --preset small --out /tmp/small --seed 1",
+            "align init-model --preset tiny --base --out /tmp/tiny-base",
+        )
+    ),
 )
 def init_model(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the model and tokenizer to.")],
@@ -725,27 +465,24 @@ def init_model(
     ] = False,
 ) -> None:
     """Write a random-init Llama-architecture model with an offline byte-level BPE tokenizer."""
-    from align_cli.presets import PRESETS
-    from align_cli.presets import init_model as build
+    from align_cli.presets import init_model_command
 
-    _setup_logging()
-    if preset not in PRESETS:
-        _fail(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    texts = None
-    if corpus:
-        missing = [str(p) for p in corpus if not p.is_file()]
-        if missing:
-            _fail(f"--corpus: no such file(s): {', '.join(missing)}")
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus]
-    path = build(preset, out, seed=seed, corpus=texts, chat=not base)
-    console.print(f"wrote {preset} model to [bold]{path}[/]")
+    _guarded(
+        lambda: console.print(
+            f"wrote {preset} model to [bold]{init_model_command(preset, out, seed, corpus, base)}[/]"
+        )
+    )
 
 
 @data_app.command(
     "check",
-    epilog="Examples:\n\n  align data check examples/data/alpaca.jsonl --model examples/models/tiny\n\n"
-    "  align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml\n\n"
-    "  align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
+    epilog=_epilog(
+        (
+            "align data check examples/data/alpaca.jsonl --model examples/models/tiny",
+            "align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+            "align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
+        )
+    ),
 )
 def data_check(
     file: Annotated[
@@ -756,9 +493,7 @@ def data_check(
     max_length: Annotated[int | None, typer.Option("--max-length", help="Override data.max_length.")] = None,
     stage: Annotated[
         str | None,
-        typer.Option(
-            "--stage", help="Check for this stage (default: the recipe's): sft, reward, dpo, ppo, ..."
-        ),
+        typer.Option("--stage", help=f"Check for this stage (default: the recipe's): {', '.join(STAGES)}."),
     ] = None,
     set_: SetOpt = None,
 ) -> None:

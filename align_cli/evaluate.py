@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import reprlib
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt
@@ -242,3 +244,38 @@ class Evaluator:
                 row["reward"] = sum(gt) / len(gt)
             rows.append(row)
         return rows
+
+
+def run_eval(
+    model: str,
+    reference: str,
+    prompts: str,
+    ground_truth: str | None,
+    reward_model: str | None,
+    n: int,
+    max_new_tokens: int,
+    seed: int,
+    out: Path | None,
+    console: Console,
+) -> dict[str, Any]:
+    """`align eval`: evaluate ``model`` against ``reference``, print the table, write eval.json/.jsonl."""
+    from align_cli.data.prompts import load_prompts
+    from align_cli.engine.metrics import print_table
+
+    fn = load_reward_fn(ground_truth) if ground_truth else None
+    evaluator = Evaluator(
+        reference,
+        load_prompts(prompts),
+        n=n,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        ground_truth=fn,
+        reward_model=reward_model,
+    )
+    summary, rows = evaluator.evaluate(model)
+    print_table(f"align eval: {model} vs {reference}", list(summary.items()), console)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(summary, indent=1))
+        (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -424,3 +425,49 @@ def plan_recipe(
     reward = reward or (last_output("reward") if recipe.stage in ("ppo", "rejection-sample") else None)
     reward_config = read_config(str(reward), recipe.model.trust_remote_code) if reward else None
     return plan(recipe, config, reward_config, processes, shard, device)
+
+
+def print_plan(
+    path: Path,
+    model: str | None,
+    sets: list[str] | None,
+    processes: int,
+    shard: str,
+    device: str,
+    console: Console,
+) -> MemoryEstimate:
+    """`align plan`: resolve the recipe at ``path``, print its batch arithmetic and memory estimate."""
+    from align_cli.recipe import RecipeError, load_recipe
+    from align_cli.stages import STAGES
+
+    if shard not in SHARDING:
+        raise RecipeError(f"--shard {shard!r}: choose one of {', '.join(SHARDING)}")
+    if processes < 1:
+        raise RecipeError("--processes: must be >= 1")
+    if device not in ("cuda", "cpu"):
+        raise RecipeError(f"--device {device!r}: choose cuda or cpu")
+    recipe = load_recipe(path, {"model.name_or_path": model}, sets)
+    if not recipe.stage:
+        raise RecipeError(f"recipe {path}: no `stage:`; add one ({', '.join(STAGES)})")
+    estimate_ = plan_recipe(recipe, processes, shard, device)
+    name = recipe.model.name_or_path or "(chained)"
+    console.print(
+        f"[bold]plan[/] {path}: stage {recipe.stage}, model {name}, {batch_arithmetic(recipe, processes)}"
+    )
+    console.print(estimate_.table())
+    return estimate_
+
+
+def batch_arithmetic(recipe: Recipe, processes: int) -> str:
+    """How many sequences one optimizer step sees, from the fields the stage reads."""
+    if recipe.stage == "ppo":
+        p = recipe.ppo
+        return (
+            f"{p.rollout_batch_size} rollouts per iteration over {processes} process(es), "
+            f"{p.ppo_epochs} epoch(s) of mini-batches of {p.mini_batch_size}"
+        )
+    t = recipe.training
+    return (
+        f"global batch {t.micro_batch_size} x {t.grad_accum} accumulation x {processes} process(es) = "
+        f"{t.micro_batch_size * t.grad_accum * processes}"
+    )

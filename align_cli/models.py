@@ -13,6 +13,7 @@ from torch import nn
 
 from align_cli.data.collate import row_buckets
 from align_cli.data.tokenize import IGNORE_INDEX
+from align_cli.errors import AlignError
 from align_cli.logprobs import head_logprobs
 from align_cli.recipe import LoraSection, ModelSection
 
@@ -21,7 +22,7 @@ log = logging.getLogger("align")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(ValueError):
+class ModelError(AlignError, ValueError):
     """A model or tokenizer that cannot be loaded or used."""
 
 

@@ -184,3 +184,16 @@ def init_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def init_model_command(preset: str, out: Path, seed: int, corpus: list[Path] | None, base: bool) -> Path:
+    """`align init-model`: the preset and corpus files checked, then ``init_model``."""
+    from align_cli.recipe import RecipeError
+
+    if preset not in PRESETS:
+        raise RecipeError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    missing = [str(p) for p in corpus or [] if not p.is_file()]
+    if missing:
+        raise RecipeError(f"--corpus: no such file(s): {', '.join(missing)}")
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus] if corpus else None
+    return init_model(preset, out, seed=seed, corpus=texts, chat=not base)

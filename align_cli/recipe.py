@@ -17,240 +17,90 @@ from typing import Any
 
 import yaml
 
+from align_cli.errors import AlignError
 
-class RecipeError(ValueError):
+# The schema lives in align_cli/sections.py; these names are imported from here throughout.
+from align_cli.sections import (
+    LLAMA2_SMALL_MARGINS,
+    DataSection,
+    DPOSection,
+    LoraSection,
+    ModelSection,
+    OutputSection,
+    PPOSection,
+    RejectionSection,
+    RewardSection,
+    SFTSection,
+    SourceSection,
+    TrainingSection,
+    choices,
+)
+from align_cli.stages import STAGES, section_names
+
+
+class RecipeError(AlignError, ValueError):
     """A recipe that cannot be used; the message lists every problem found."""
 
 
-def choices(*allowed: str, default: Any) -> Any:
-    """A dataclass field restricted to ``allowed`` values."""
-    return field(default=default, metadata={"choices": allowed})
+__all__ = [  # the schema's names, imported from here throughout
+    "LLAMA2_SMALL_MARGINS",
+    "DataSection",
+    "DPOSection",
+    "LoraSection",
+    "ModelSection",
+    "OutputSection",
+    "PPOSection",
+    "Recipe",
+    "RecipeError",
+    "RejectionSection",
+    "RewardSection",
+    "SFTSection",
+    "SourceSection",
+    "TrainingSection",
+    "choices",
+    "load_recipe",
+]
+
+COMMON_SECTIONS = ("model", "data", "training", "output")
 
 
 @dataclass
-class LoraSection:
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-
-
-@dataclass
-class ModelSection:
-    # Hub id or local directory. Empty: chain from the last run of the previous stage.
-    name_or_path: str | None = None
-    dtype: str = choices("float32", "bfloat16", "float16", default="float32")
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    lora: LoraSection = field(default_factory=LoraSection)
-    # QLoRA: the frozen base weights in 4-bit NF4 (double quantization, compute in `dtype`) or 8-bit,
-    # through bitsandbytes; needs a CUDA GPU and model.lora.enabled (quantized weights are not trained)
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    # dropout off in every model of the run (LoRA dropout included), as TRL and the DPO reference code do
-    # for preference and RL training: with dropout on, the policy that is scored differs from the one
-    # that sampled (PPO ratios != 1 at identical weights, DPO's first loss != log 2). false keeps the
-    # model's own dropout (e.g. as regularisation in SFT)
-    disable_dropout: bool = True
-
-
-@dataclass
-class SourceSection:
-    """One source of a mixture (data.train as a list); unset fields follow the data section."""
-
-    path: str = ""  # as data.train: a file, folder, saved data set or hub id
-    # its share: round(weight * its size) examples (< 1 takes a seeded subset, > 1 repeats it)
-    weight: float | None = None
-    max_examples: int | None = None  # at most this many examples (after weight)
-    split: str | None = None  # default data.hub_split
-    config: str | None = None  # default data.hub_config
-    columns: dict[str, str] = field(default_factory=dict)  # default data.columns
-    roles: dict[str, str] = field(default_factory=dict)  # default data.roles
-
-
-@dataclass
-class DataSection:
-    # a file (.jsonl, .json array or lines, .parquet, .csv, .tsv), a folder of them, a datasets.save_to_disk
-    # folder, or a hub data set id (`name` or `name:split`); or a mixture: a list of such sources, each a
-    # string or a mapping (path, weight, max_examples, split, config, columns, roles)
-    train: str | list[str | SourceSection] | None = None
-    eval: str | None = None  # as train; else eval_fraction of train
-    eval_fraction: float = 0.0
-    hub_split: str = "train"
-    hub_config: str | None = None  # a hub data set's configuration (subset) name
-    # the source's column for each of align's fields, e.g. {prompt: question, chosen: good, rejected: bad}
-    columns: dict[str, str] = field(default_factory=dict)
-    # role names in the source's messages -> align's (system, user, assistant, tool), e.g. {human: user}
-    roles: dict[str, str] = field(default_factory=dict)
-    format: str = choices(
-        "auto", "alpaca", "prompt_completion", "messages", "text", "preference", "ranked", default="auto"
-    )
-    # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
-    template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
-    # the chat template: a name (chatml, zephyr, llama2, builtin), a Jinja file or a Jinja string; overrides
-    # the tokenizer's own. Without either, the
-    # built-in template (<|role|>...<|end|>) is used, its markers registered as special tokens (new
-    # embedding rows, trained) and <|end|> made a stop token. The template used is saved in final/.
-    chat_template: str | None = None
-    max_length: int = 512
-    max_prompt_length: int | None = None
-    # too long: keep what fits ("truncate") or drop the example ("drop"); both are counted
-    on_too_long: str = choices("truncate", "drop", default="truncate")
-    packing: bool = False  # padding-free: a micro-batch becomes one row, attention kept per example
-    group_by_length: bool = True
-
-
-@dataclass
-class TrainingSection:
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", default="adamw")
-    scheduler: str = choices("cosine", "linear", "constant", default="cosine")
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0  # lower bound on warmup (Llama 2: 3% of steps, at least 5)
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr (Llama 2 RM: 0.1)
-    max_grad_norm: float | None = 1.0
-    precision: str = choices("fp32", "bf16", "fp16", default="fp32")
-    seed: int = 42
-    log_every: int = 1
-    eval_every: int | None = None
-    # checkpoints: every save_every steps (PPO: iterations); null: every 10% of the run's steps. Also every
-    # save_every_minutes since the last save, whichever comes first (0: no time-based saves). save_every: 0
-    # turns periodic checkpoints off altogether (a stop on SIGTERM/SIGINT still saves one)
-    save_every: int | None = None
-    save_every_minutes: float = 30.0
-    keep_last: int = 2
-    # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
-    # and count it (skipped_steps in metrics and summary)
-    nan_policy: str = choices("stop", "skip", default="stop")
-
-
-@dataclass
-class OutputSection:
-    dir: str | None = None  # default: runs/<stage>/<timestamp>
-    overwrite: bool = False
-
-
-@dataclass
-class SFTSection:
-    pass
-
-
-# Llama 2's "small" margin table m(rating); its large one is {3, 2, 1, 0}
-LLAMA2_SMALL_MARGINS = {
-    "significantly_better": 1.0,
-    "better": 0.667,
-    "slightly_better": 0.333,
-    "negligibly_better": 0.0,
-    "unsure": 0.0,
-}
-
-
-@dataclass
-class RewardSection:
-    # Llama 2 margin: loss -log sigma(r_c - r_r - m); m is a record's `margin`, else margins[its rating]
-    use_margin: bool = True
-    margins: dict[str, float] = field(default_factory=lambda: dict(LLAMA2_SMALL_MARGINS))
-    center_coef: float = 0.0  # reward centering: + coef * (r_c + r_r)^2 per pair (e.g. 0.01)
-    # init of a newly added scalar head: normal(0, 1/sqrt(hidden + 1)) or zeros (all rewards start at 0)
-    head: str = choices("normal", "zeros", default="normal")
-
-
-@dataclass
-class DPOSection:
-    beta: float = 0.1  # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5)
-    loss_type: str = choices("sigmoid", "ipo", "hinge", default="sigmoid")
-    label_smoothing: float = 0.0  # conservative DPO: probability that a preference label is wrong
-    reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
-    # true: reference log-probs computed once before training and cached on disk (no reference model in
-    # memory while training); false: a live reference model scores every batch
-    reference_cache: bool = True
-    reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
-
-
-@dataclass
-class RejectionSection:
-    reward_model: str | None = None  # default: the last `align reward` output
-    prompts: str | None = None  # prompt JSONL; default: data.train
-    max_prompts: int | None = None
-    n: int = 16  # samples per prompt
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    prompts_per_batch: int = 8  # prompts per generate call, each with its n samples
-    score_batch_size: int = 32
-    # best: the top sample per prompt (Llama 2); top_k: the `keep` best; threshold: every sample >= threshold
-    select: str = choices("best", "top_k", "threshold", default="best")
-    keep: int = 1
-    threshold: float | None = None
-    rounds: int = 1
-    then: str = choices("none", "sft", default="none")  # fine-tune on the selected samples after each round
-    keep_previous_best: bool = True  # Llama 2: a prompt keeps its best sample over all rounds
-    eval_n: int = 4  # samples per prompt used to measure the fine-tuned policy's mean reward
-    backend: str = choices("auto", "transformers", "vllm", default="auto")
-
-
-@dataclass
-class PPOSection:
-    reward_model: str | None = None  # default: the last `align reward` output
-    prompts: str | None = None  # prompt JSONL; default: data.train
-    # value model: a copy of the reward model (InstructGPT) or a scalar head on the policy's last hidden state
-    value_model: str = choices("reward_model", "policy_head", default="reward_model")
-    iterations: int = 20  # rollout + update rounds (training.max_steps overrides)
-    rollout_batch_size: int = 16  # prompts per iteration, one response each
-    mini_batch_size: int = 8  # one optimizer step per mini-batch (Llama 2: 512 / 64)
-    ppo_epochs: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    kl_coef: float = 0.05  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
-    kl_estimator: str = choices("k1", "k3", default="k1")
-    adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    score_norm: bool = False  # standardise scores within each rollout batch
-    score_clip: float | None = None  # clip scores to [-c, c]
-    missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS
-    ptx_data: str | None = None  # PPO-ptx: SFT/pretraining JSONL mixed into every update
-    ptx_coef: float = 0.0  # gamma of PPO-ptx (InstructGPT 27.8, on per-token mean NLL)
-    ptx_batch_size: int = 8
-    log_samples: int = 4  # generations per iteration written to samples.jsonl
-
-
-@dataclass
-class Recipe:
+class _RecipeBase:
     stage: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    reward: RewardSection = field(default_factory=RewardSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
-    rejection: RejectionSection = field(default_factory=RejectionSection)
-    ppo: PPOSection = field(default_factory=PPOSection)
+
+    def sections(self) -> tuple[str, ...]:
+        """The sections this recipe's stage reads: the common ones and its own (all without a stage)."""
+        stage = STAGES.get(self.stage or "")
+        if stage is None:
+            return (*COMMON_SECTIONS, *section_names())
+        return (*COMMON_SECTIONS, *([stage.section] if stage.section else []))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The stage's sections without the keys it does not read: what recipe.yaml of a run holds."""
+        stage = STAGES.get(self.stage or "")
+        unread = stage.unread if stage else {}
+        tree: dict[str, Any] = {"stage": self.stage}
+        for name in self.sections():
+            values = dataclasses.asdict(getattr(self, name))
+            tree[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in unread}
+        return tree
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# A recipe: the common sections plus one section per registered stage (a stage reads only its own).
+Recipe = dataclasses.make_dataclass(
+    "Recipe",
+    [(name, cls, field(default_factory=cls)) for name, cls in section_names().items()],
+    bases=(_RecipeBase,),
+)
+Recipe.__module__ = __name__
+Recipe.__doc__ = "A validated recipe: the common sections and every stage's own section (see ``sections``)."
 
 
 # --------------------------------------------------------------------------- parsing
@@ -432,29 +282,37 @@ def _apply(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
     node[dotted[-1]] = value
 
 
-# Per-stage defaults under the recipe file, flags and --set (which all win over them); the run's saved
-# recipe.yaml shows the resolved values.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Llama 2 reward models: 1 epoch (more overfits), lr 1e-5, cosine to 10%, warmup 3% (>= 5 steps)
-    "reward": {
-        "training": {
-            "epochs": 1.0,
-            "lr": 1e-5,
-            "scheduler": "cosine",
-            "min_lr_ratio": 0.1,
-            "warmup_ratio": 0.03,
-            "warmup_steps": 5,
-        }
-    },
-}
-
-
 def _with_defaults(defaults: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
     merged = dict(defaults)
     for key, value in tree.items():
         both = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = _with_defaults(merged[key], value) if both else value
     return merged
+
+
+def _leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix.startswith(
+            ("data.columns", "data.roles", "reward.margins")
+        ):
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _not_read(tree: dict[str, Any], stage_name: str) -> list[str]:
+    """The sections and keys set in ``tree`` that stage ``stage_name`` does not read: another stage's
+    section, or a common key the stage ignores (e.g. training.micro_batch_size for PPO)."""
+    stage = STAGES[stage_name]
+    problems = []
+    for name in tree:
+        if name in section_names() and name != stage.section:
+            problems.append(f"{name}: a section of another stage; `align {stage_name}` does not read it")
+    for key in _leaf_keys({k: v for k, v in tree.items() if k in COMMON_SECTIONS}):
+        if key in stage.unread:
+            problems.append(f"{key}: not read by `align {stage_name}` ({stage.unread[key]})")
+    return problems
 
 
 def load_recipe(
@@ -477,8 +335,12 @@ def load_recipe(
             raise RecipeError(f"recipe is for stage {tree['stage']!r}, not {stage!r}")
         tree["stage"] = stage
     stage_name = tree.get("stage")
-    tree = _with_defaults(STAGE_DEFAULTS.get(stage_name, {}) if isinstance(stage_name, str) else {}, tree)
     errors: list[str] = []
+    if stage_name is not None and stage_name not in STAGES:
+        errors.append(f"stage: {stage_name!r} is not one of {', '.join(STAGES)}")
+    elif stage_name is not None:
+        errors += _not_read(tree, stage_name)
+        tree = _with_defaults(STAGES[stage_name].defaults, tree)
     recipe = _build(Recipe, tree, "", errors)
     errors += _check_values(recipe)
     if errors:
@@ -515,111 +377,32 @@ def range_problems(key: str, value: Any, rule: str, note: str = "") -> list[str]
     return [f"{key}: must be {wanted}{note}, got {value}"]
 
 
-def _number_rules(r: Recipe) -> list[tuple[str, Any, str]]:
-    """(key, value, rule) for every number of a recipe; counts are > 0."""
-    t, d, m, p, j = r.training, r.data, r.model, r.ppo, r.rejection
-    return [
-        ("model.lora.r", m.lora.r, "> 0"),
-        ("model.lora.alpha", m.lora.alpha, "> 0"),
-        ("model.lora.dropout", m.lora.dropout, "[0, 1)"),
-        ("data.eval_fraction", d.eval_fraction, "[0, 1)"),
-        ("data.max_length", d.max_length, "> 0"),
-        ("data.max_prompt_length", d.max_prompt_length, "> 0"),
-        ("training.epochs", t.epochs, "> 0"),
-        ("training.max_steps", t.max_steps, "> 0"),
-        ("training.micro_batch_size", t.micro_batch_size, "> 0"),
-        ("training.grad_accum", t.grad_accum, "> 0"),
-        # lr 0 trains nothing while looking like a run: surely a mistake (`align eval` measures a model)
-        ("training.lr", t.lr, "> 0"),
-        ("training.weight_decay", t.weight_decay, ">= 0"),
-        ("training.adam_betas", t.adam_betas, "[0, 1)"),
-        ("training.adam_eps", t.adam_eps, "> 0"),
-        ("training.warmup_ratio", t.warmup_ratio, "[0, 1]"),
-        ("training.warmup_steps", t.warmup_steps, ">= 0"),
-        ("training.min_lr_ratio", t.min_lr_ratio, "[0, 1]"),
-        ("training.log_every", t.log_every, "> 0"),
-        ("training.keep_last", t.keep_last, "> 0"),
-        ("training.save_every", t.save_every, ">= 0"),  # 0: no periodic checkpoints
-        ("training.save_every_minutes", t.save_every_minutes, ">= 0"),  # 0: none by time
-        ("training.eval_every", t.eval_every, "> 0"),
-        ("reward.margins", r.reward.margins, ">= 0"),
-        ("reward.center_coef", r.reward.center_coef, ">= 0"),
-        ("dpo.beta", r.dpo.beta, "> 0"),
-        ("dpo.label_smoothing", r.dpo.label_smoothing, "[0, 0.5)"),
-        ("rejection.max_prompts", j.max_prompts, "> 0"),
-        ("rejection.n", j.n, "> 0"),
-        ("rejection.max_new_tokens", j.max_new_tokens, "> 0"),
-        ("rejection.temperature", j.temperature, ">= 0"),  # 0: greedy
-        ("rejection.top_p", j.top_p, "(0, 1]"),
-        ("rejection.top_k", j.top_k, ">= 0"),
-        ("rejection.prompts_per_batch", j.prompts_per_batch, "> 0"),
-        ("rejection.score_batch_size", j.score_batch_size, "> 0"),
-        ("rejection.keep", j.keep, "> 0"),
-        ("rejection.threshold", j.threshold, "finite"),
-        ("rejection.rounds", j.rounds, "> 0"),
-        ("rejection.eval_n", j.eval_n, "> 0"),
-        ("ppo.iterations", p.iterations, "> 0"),
-        ("ppo.rollout_batch_size", p.rollout_batch_size, "> 0"),
-        ("ppo.mini_batch_size", p.mini_batch_size, "> 0"),
-        ("ppo.ppo_epochs", p.ppo_epochs, "> 0"),
-        ("ppo.max_new_tokens", p.max_new_tokens, "> 0"),
-        ("ppo.top_p", p.top_p, "(0, 1]"),
-        ("ppo.top_k", p.top_k, ">= 0"),
-        ("ppo.kl_coef", p.kl_coef, ">= 0"),
-        ("ppo.kl_target", p.kl_target, "> 0"),
-        ("ppo.kl_horizon", p.kl_horizon, "> 0"),
-        ("ppo.gamma", p.gamma, "[0, 1]"),
-        ("ppo.lam", p.lam, "[0, 1]"),
-        ("ppo.cliprange", p.cliprange, "> 0"),
-        ("ppo.cliprange_value", p.cliprange_value, "> 0"),
-        ("ppo.vf_coef", p.vf_coef, ">= 0"),
-        ("ppo.score_clip", p.score_clip, "> 0"),
-        ("ppo.missing_eos_penalty", p.missing_eos_penalty, "finite"),
-        ("ppo.ptx_coef", p.ptx_coef, ">= 0"),
-        ("ppo.ptx_batch_size", p.ptx_batch_size, "> 0"),
-        ("ppo.log_samples", p.log_samples, ">= 0"),
-    ]
+def _section_problems(section: Any, prefix: str) -> list[str]:
+    """Every number of ``section`` (and its sub-sections) in its declared range, then its own check()."""
+    problems = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += _section_problems(value, f"{prefix}.{f.name}")
+        elif "rule" in f.metadata:
+            problems += range_problems(f"{prefix}.{f.name}", value, f.metadata["rule"])
+    return problems + (section.check() if hasattr(section, "check") else [])
 
 
 def _check_values(r: Recipe) -> list[str]:
     """Every number in its range, checked where it is declared, before anything is loaded or created."""
-    errors = [e for key, value, rule in _number_rules(r) for e in range_problems(key, value, rule)]
-    t, d, p = r.training, r.data, r.ppo
-    errors += range_problems("training.max_grad_norm", t.max_grad_norm, "> 0", " (or null: no clipping)")
-    if p.rollout_batch_size > 0 and p.mini_batch_size > p.rollout_batch_size:
-        errors.append(
-            f"ppo.mini_batch_size: must be <= ppo.rollout_batch_size ({p.rollout_batch_size}), "
-            f"got {p.mini_batch_size}"
-        )
-    if len(t.adam_betas or []) != 2:
-        errors.append(f"training.adam_betas: expected two numbers, got {t.adam_betas}")
-    if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
-        errors.append("data.max_prompt_length: must be smaller than data.max_length")
-    m = r.model
-    if m.load_in_4bit and m.load_in_8bit:
-        errors.append("model.load_in_4bit, model.load_in_8bit: choose one")
-    if (m.load_in_4bit or m.load_in_8bit) and not m.lora.enabled and r.stage != "rejection-sample":
+    errors = [p for name in r.sections() for p in _section_problems(getattr(r, name), name)]
+    stage = STAGES.get(r.stage or "")
+    m, d = r.model, r.data
+    if (
+        (m.load_in_4bit or m.load_in_8bit)
+        and not m.lora.enabled
+        and not (stage and stage.quantized_without_lora)
+    ):
         errors.append(
             "model.load_in_4bit/load_in_8bit: quantized base weights cannot be trained; set "
             "model.lora.enabled=true (QLoRA)"
         )
-    for i, source in enumerate(d.train if isinstance(d.train, list) else []):
-        if isinstance(source, SourceSection):
-            where = f"data.train[{i}]"
-            if not source.path:
-                errors.append(f"{where}.path: missing")
-            if source.weight is not None and not 0 <= source.weight < float("inf"):
-                errors.append(f"{where}.weight: must be a finite number >= 0, got {source.weight}")
-            if source.max_examples is not None and source.max_examples < 1:
-                errors.append(f"{where}.max_examples: must be >= 1, got {source.max_examples}")
-    if r.stage in ("ppo", "rejection-sample") and isinstance(d.train, list):
+    if stage and "data.eval" in stage.unread and isinstance(d.train, list):
         errors.append("data.train: a mixture of sources is for training data; prompts come from one source")
-    if r.stage == "ppo" and (r.ppo.top_p < 1.0 or r.ppo.top_k > 0):
-        errors.append(
-            f"ppo.top_p={r.ppo.top_p}, ppo.top_k={r.ppo.top_k}: PPO's ratios and KL are computed on the full "
-            "distribution at ppo.temperature, so rollouts must be sampled from it; use top_p 1.0 and top_k 0"
-        )
-    sampled = r.stage == "ppo"  # PPO samples from the policy; elsewhere 0 means greedy
-    note = " (PPO samples from the policy)" if sampled else ""
-    errors += range_problems("ppo.temperature", r.ppo.temperature, "> 0" if sampled else ">= 0", note)
     return errors

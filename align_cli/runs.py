@@ -22,6 +22,7 @@ from typing import IO, Any
 import torch
 
 from align_cli.engine.checkpoint import latest_checkpoint
+from align_cli.errors import AlignError
 
 FINAL = "final"
 LOCK_FILE = ".align.lock"
@@ -29,7 +30,7 @@ log = logging.getLogger("align")
 _held: dict[Path, IO[str]] = {}  # run directories this process holds, by resolved path
 
 
-class RunDirError(ValueError):
+class RunDirError(AlignError, ValueError):
     pass
 
 

@@ -71,11 +71,15 @@ BAD_NUMBERS = {  # --set value -> the problem named
 
 def test_issue15_item9_every_bad_number_is_named_and_no_run_folder_is_created(tmp_path: Path):
     out = tmp_path / "run"
-    args = ["sft", "-m", "some/model", "-d", str(EXAMPLES / "alpaca.jsonl"), "-o", str(out)]
-    code, text = cli(args + [item for s in BAD_NUMBERS for item in ("--set", s)])
-    assert code == 2 and f"recipe: {len(BAD_NUMBERS)} problem(s)" in text, text
-    assert [problem for problem in BAD_NUMBERS.values() if problem not in text] == []
-    assert not out.exists()
+    # a recipe holds the common sections and its stage's own: each stage's command gets its numbers
+    own = {"ppo": "ppo", "rejection-sample": "rejection", "dpo": "dpo", "reward": "reward"}
+    for stage, section in {"sft": "training", **own}.items():
+        bad = {k: v for k, v in BAD_NUMBERS.items() if k.startswith(section + ".")}
+        args = [stage, "-m", "some/model", "-d", str(EXAMPLES / "alpaca.jsonl"), "-o", str(out)]
+        code, text = cli(args + [item for s in bad for item in ("--set", s)])
+        assert code == 2 and f"recipe: {len(bad)} problem(s)" in text, text
+        assert [problem for problem in bad.values() if problem not in text] == []
+        assert not out.exists()
     # NaN and inf also come through YAML's .nan and .inf, and relations between keys are checked
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("training:\n  lr: .nan\n  adam_eps: -.inf\nppo:\n  mini_batch_size: 32\n")

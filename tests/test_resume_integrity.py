@@ -195,10 +195,10 @@ def test_recipe_changes_name_what_decides_the_data_order_or_the_update():
             "training.seed=1",
             "training.grad_accum=2",
             "training.optimizer=adamw_8bit",
-            "dpo.beta=0.5",  # another stage's section: not this run's business
         ],
         stage="sft",
     ).to_dict()
+    other["dpo"] = {"beta": 0.5}  # another stage's section (an older run's recipe.yaml): not compared
     changes = recipe_changes(saved, other, "sft")
     assert changes == {
         "data.train": ("a.jsonl", "b.jsonl"),

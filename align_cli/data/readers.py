@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align_cli.errors import AlignError
+
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 Row = tuple[str, int, Any]  # (source, line or row number, record)
 
 
-class DataError(ValueError):
+class DataError(AlignError, ValueError):
     """Input data that cannot be used; the message names file, line and field."""
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from align_cli.errors import AlignError
+
 # Stanford Alpaca templates, verbatim: the response follows directly after the last "\n".
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -65,7 +67,7 @@ NAMED_CHAT_TEMPLATES = {
 Segment = tuple[str | list[int], bool]  # (text or token ids, trainable)
 
 
-class TemplateError(ValueError):
+class TemplateError(AlignError, ValueError):
     """A chat template that cannot be split into prompt and response segments."""
 
 

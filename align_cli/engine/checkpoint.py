@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator
 
 from align_cli.engine.faults import fault_point
+from align_cli.errors import AlignError
 
 STATE_FILE = "trainer_state.json"
 REPLACED = ".replaced"
@@ -43,7 +44,7 @@ log = logging.getLogger("align")
 _NAME = re.compile(r"^checkpoint-(\d+)(\.replaced)?$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AlignError, RuntimeError):
     pass
 
 

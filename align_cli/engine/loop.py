@@ -40,12 +40,13 @@ from align_cli.engine.distributed import configure_deepspeed
 from align_cli.engine.faults import fault_point
 from align_cli.engine.metrics import MetricsLog
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
+from align_cli.errors import AlignError
 from align_cli.recipe import TrainingSection
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(AlignError, RuntimeError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
     def __init__(self, message: str, what: str = "loss") -> None:

@@ -1,0 +1,197 @@
+"""The stage registry: one entry per training method drives the CLI commands, `align pipeline`,
+`align plan` and recipe validation.
+
+Each stage module has the same small face (a shape, not a base class):
+    run(recipe, resume=False, console=None) -> summary dict
+    memory_plan(recipe, configs, processes) -> memory.MemoryPlan     (what `align plan` estimates)
+Its entry here holds what must be known before torch is imported (help, flags, recipe validation):
+its name, its recipe section, the common recipe keys it does not read, its extra flags and defaults.
+Adding a method: its stage module, its section in ``align_cli/sections.py``, one entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from align_cli import sections as S
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option of one stage that sets one recipe key."""
+
+    name: str  # "--prompts"
+    key: str  # "ppo.prompts"
+    type: type
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the command (`align NAME`) and the recipe's `stage:`
+    module: str  # align_cli.stages.<module>: run() and memory_plan()
+    section: str | None  # its own recipe section (a Recipe attribute), None if it has none
+    config: type | None  # that section's dataclass
+    help: str  # the command's help: first line, then details
+    examples: tuple[str, ...] = ()
+    # common keys the stage never reads -> what to use instead; setting one is a recipe error
+    unread: dict[str, str] = field(default_factory=dict)
+    flags: tuple[Flag, ...] = ()
+    resume_variants: bool = True  # --resume-from-previous and --resume-with-changes
+    defaults: dict[str, Any] = field(default_factory=dict)  # under the recipe, flags and --set
+    # model.load_in_4bit/8bit without LoRA: only a stage that trains nothing quantized may allow it
+    quantized_without_lora: bool = False
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(f"align_cli.stages.{self.module}")
+
+
+_PROMPTS = "prompts come from one prompt file"
+_BATCH = "on-policy batches are set by ppo.rollout_batch_size and ppo.mini_batch_size"
+_REWARD_MODEL_HELP = "Reward model (default: the last `align reward` output)."
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "sft",
+            "sft",
+            "sft",
+            S.SFTSection,
+            "Supervised fine-tuning: loss on response tokens only (Alpaca, prompt/completion, chat, text).",
+            (
+                "align sft --recipe recipes/sft-tiny.yaml",
+                "align sft -m examples/models/tiny -d examples/data/alpaca.jsonl --set training.lr=1e-3 "
+                "--max-steps 50",
+                "align sft -r recipes/sft-tiny.yaml -o runs/sft-a --resume",
+            ),
+            unread={"data.max_prompt_length": "SFT cuts a too-long example as a whole (data.on_too_long)"},
+        ),
+        Stage(
+            "reward",
+            "reward",
+            "reward",
+            S.RewardSection,
+            "Train a reward model on pairwise, rated or ranked preferences; `align reward score` applies "
+            "one.\n\nPairs (prompt/chosen/rejected, or HH-style conversations) with an optional Llama 2 "
+            "margin or rating, and rankings (prompt + responses best first, or with scores; all C(K,2) "
+            "pairs, one forward pass per response). Defaults as Llama 2: 1 epoch, lr 1e-5, cosine to 10%, "
+            "warmup 3% (at least 5 steps).",
+            (
+                "align reward --recipe recipes/reward-tiny.yaml",
+                "align reward -d examples/data/prefs.jsonl      (starts from the last `align sft` output)",
+                "align reward -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (K-way rankings)",
+                "align reward -r recipes/reward-tiny.yaml --set reward.use_margin=false "
+                "--set reward.center_coef=0.01",
+                "align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl",
+            ),
+            unread={
+                "data.on_too_long": "a pair is cut to fit (prompt start, response end), never dropped",
+                "data.packing": "preference batches are padded",
+            },
+            # Llama 2 reward models: 1 epoch (more overfits), lr 1e-5, cosine to 10%, warmup 3% (>= 5 steps)
+            defaults={
+                "training": {
+                    "epochs": 1.0,
+                    "lr": 1e-5,
+                    "scheduler": "cosine",
+                    "min_lr_ratio": 0.1,
+                    "warmup_ratio": 0.03,
+                    "warmup_steps": 5,
+                }
+            },
+        ),
+        Stage(
+            "dpo",
+            "dpo",
+            "dpo",
+            S.DPOSection,
+            "Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce) on pairs or rankings.",
+            (
+                "align dpo --data examples/data/prefs.jsonl      (policy and reference: the last sft output)",
+                "align dpo --recipe recipes/dpo-tiny.yaml --set dpo.beta=0.5 --set dpo.loss_type=ipo",
+                "align dpo -m runs/sft-tiny/final -d examples/data/ranked.jsonl  (Plackett-Luce rankings)",
+                "align dpo -r recipes/dpo-tiny.yaml --set dpo.reference_cache=false      (live reference)",
+                "align sft -m MODEL -d examples/data/prefs.jsonl      (Preferred-FT baseline: SFT on chosen)",
+            ),
+            unread={"data.packing": "preference batches are padded"},
+        ),
+        Stage(
+            "rejection-sample",
+            "rejection_sampling",
+            "rejection",
+            S.RejectionSection,
+            "Best-of-N (Llama 2 rejection sampling): sample N per prompt, score, keep the best, optionally "
+            "SFT.\n\nWrites samples.jsonl (every sample and its reward), best.jsonl (SFT-ready), "
+            "pairs.jsonl (best vs worst, ready for `align dpo` / `align reward`) and a table of reward by N "
+            "with the analytic KL.",
+            (
+                "align rejection-sample --n 16 --prompts examples/data/prompts.jsonl  (last sft + reward)",
+                "align rejection-sample -r recipes/rejection-tiny.yaml --rounds 2 --then sft",
+                "align rejection-sample -m runs/sft/final --reward-model runs/reward/final --prompts p.jsonl "
+                "--set rejection.select=top_k --set rejection.keep=2",
+            ),
+            flags=(
+                Flag("--n", "rejection.n", int, "Samples per prompt (rejection.n)."),
+                Flag("--prompts", "rejection.prompts", str, "Prompt JSONL (rejection.prompts)."),
+                Flag("--reward-model", "rejection.reward_model", str, _REWARD_MODEL_HELP),
+                Flag("--rounds", "rejection.rounds", int, "Sample/select rounds."),
+                Flag(
+                    "--then",
+                    "rejection.then",
+                    str,
+                    "'sft': fine-tune on the selected samples after each round.",
+                ),
+            ),
+            resume_variants=False,
+            quantized_without_lora=True,
+        ),
+        Stage(
+            "ppo",
+            "ppo",
+            "ppo",
+            S.PPOSection,
+            "RLHF with PPO (InstructGPT): per-token KL penalty to the SFT model, value model, GAE, PPO-ptx."
+            "\n\n--max-steps counts PPO iterations (rollout + updates). Metrics per iteration in "
+            "metrics.csv; a few generations per iteration in samples.jsonl.",
+            (
+                "align ppo --prompts examples/data/prompts.jsonl      (last sft and reward)",
+                "align ppo -r recipes/ppo-tiny.yaml --set ppo.kl_coef=0.2 --set ppo.adaptive_kl=true",
+                "align ppo -r recipes/ppo-tiny.yaml --set ppo.ptx_data=reviews.jsonl --set ppo.ptx_coef=1.0",
+            ),
+            unread={
+                "training.epochs": "PPO runs ppo.iterations (or training.max_steps) iterations",
+                "training.micro_batch_size": _BATCH,
+                "training.grad_accum": _BATCH,
+                "training.eval_every": "PPO has no eval set; it logs every iteration",
+                "training.log_every": "PPO logs every iteration",
+                "data.eval": _PROMPTS,
+                "data.eval_fraction": _PROMPTS,
+                "data.format": _PROMPTS,
+                "data.on_too_long": "a prompt is cut to data.max_length - ppo.max_new_tokens",
+                "data.packing": "rollouts are padded",
+                "data.group_by_length": "rollouts are grouped by length always",
+            },
+            flags=(
+                Flag("--prompts", "ppo.prompts", str, "Prompt JSONL (ppo.prompts)."),
+                Flag("--reward-model", "ppo.reward_model", str, _REWARD_MODEL_HELP),
+            ),
+        ),
+    )
+}
+
+
+def stage_of(name: str) -> Stage:
+    """The registered stage ``name``; KeyError names the known ones."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r} (known: {', '.join(STAGES)})") from None
+
+
+def section_names() -> dict[str, type]:
+    """{section name: dataclass} of every stage's own section."""
+    return {s.section: s.config for s in STAGES.values() if s.section and s.config}

@@ -394,3 +394,6 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     if accelerator.is_main_process:
         write_summary(Path(run_dir), summary)
     return summary
+
+
+run = run_dpo  # the registry's face (align_cli/stages/__init__.py)

@@ -708,3 +708,6 @@ def finish_ppo(
             console,
         )
     return summary
+
+
+run = run_ppo  # the registry's face (align_cli/stages/__init__.py)

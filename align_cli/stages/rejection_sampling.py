@@ -490,3 +490,6 @@ def run_rejection_sampling(
     if main:
         write_summary(run_dir, summary)
     return summary
+
+
+run = run_rejection_sampling  # the registry's face (align_cli/stages/__init__.py)

@@ -399,3 +399,6 @@ def score_summary(records: list[Record], rewards: list[list[float] | None]) -> d
         "reward_std": math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat), 1)),
         "accuracy": right / ranked if ranked else None,
     }
+
+
+run = run_reward  # the registry's face (align_cli/stages/__init__.py)

@@ -88,3 +88,6 @@ def run_sft(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     print_estimate(recipe, model, accelerator, console)
     result = trainer.run(resume=bool(resume))
     return finish_run("sft", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console)
+
+
+run = run_sft  # the registry's face (align_cli/stages/__init__.py)

@@ -1,0 +1,281 @@
+"""The recipe's schema: one dataclass per YAML section, plain values only (no torch, so a recipe is
+checked before any heavy import).
+
+The common sections (model, data, training, output) come first, then each stage's own section; a stage
+is registered with its section in ``align_cli/stages/__init__.py``. A field's allowed values
+(``choices``) and range (``number``) are declared on the field, and ``check()`` on a section holds the
+rules that tie several of its fields together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def choices(*allowed: str, default: Any) -> Any:
+    """A dataclass field restricted to ``allowed`` values."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def number(rule: str, default: Any = None, default_factory: Any = None) -> Any:
+    """A numeric field (or list / mapping of numbers) that must satisfy ``rule``: "> 0", ">= 0", an
+    interval such as "[0, 1)", or "finite" (see ``recipe.range_problems``). Null passes."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = number("> 0", 16)
+    alpha: int = number("> 0", 32)
+    dropout: float = number("[0, 1)", 0.05)
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelSection:
+    # Hub id or local directory. Empty: chain from the last run of the previous stage.
+    name_or_path: str | None = None
+    dtype: str = choices("float32", "bfloat16", "float16", default="float32")
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraSection = field(default_factory=LoraSection)
+    # QLoRA: the frozen base weights in 4-bit NF4 (double quantization, compute in `dtype`) or 8-bit,
+    # through bitsandbytes; needs a CUDA GPU and model.lora.enabled (quantized weights are not trained)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    # dropout off in every model of the run (LoRA dropout included), as TRL and the DPO reference code do
+    # for preference and RL training: with dropout on, the policy that is scored differs from the one
+    # that sampled (PPO ratios != 1 at identical weights, DPO's first loss != log 2). false keeps the
+    # model's own dropout (e.g. as regularisation in SFT)
+    disable_dropout: bool = True
+
+    def check(self) -> list[str]:
+        both = self.load_in_4bit and self.load_in_8bit
+        return ["model.load_in_4bit, model.load_in_8bit: choose one"] if both else []
+
+
+@dataclass
+class SourceSection:
+    """One source of a mixture (data.train as a list); unset fields follow the data section."""
+
+    path: str = ""  # as data.train: a file, folder, saved data set or hub id
+    # its share: round(weight * its size) examples (< 1 takes a seeded subset, > 1 repeats it)
+    weight: float | None = None
+    max_examples: int | None = None  # at most this many examples (after weight)
+    split: str | None = None  # default data.hub_split
+    config: str | None = None  # default data.hub_config
+    columns: dict[str, str] = field(default_factory=dict)  # default data.columns
+    roles: dict[str, str] = field(default_factory=dict)  # default data.roles
+
+
+@dataclass
+class DataSection:
+    # a file (.jsonl, .json array or lines, .parquet, .csv, .tsv), a folder of them, a datasets.save_to_disk
+    # folder, or a hub data set id (`name` or `name:split`); or a mixture: a list of such sources, each a
+    # string or a mapping (path, weight, max_examples, split, config, columns, roles)
+    train: str | list[str | SourceSection] | None = None
+    eval: str | None = None  # as train; else eval_fraction of train
+    eval_fraction: float = number("[0, 1)", 0.0)
+    hub_split: str = "train"
+    hub_config: str | None = None  # a hub data set's configuration (subset) name
+    # the source's column for each of align's fields, e.g. {prompt: question, chosen: good, rejected: bad}
+    columns: dict[str, str] = field(default_factory=dict)
+    # role names in the source's messages -> align's (system, user, assistant, tool), e.g. {human: user}
+    roles: dict[str, str] = field(default_factory=dict)
+    format: str = choices(
+        "auto", "alpaca", "prompt_completion", "messages", "text", "preference", "ranked", default="auto"
+    )
+    # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
+    template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
+    # the chat template: a name (chatml, zephyr, llama2, builtin), a Jinja file or a Jinja string; overrides
+    # the tokenizer's own. Without either, the
+    # built-in template (<|role|>...<|end|>) is used, its markers registered as special tokens (new
+    # embedding rows, trained) and <|end|> made a stop token. The template used is saved in final/.
+    chat_template: str | None = None
+    max_length: int = number("> 0", 512)
+    max_prompt_length: int | None = number("> 0", None)
+    # too long: keep what fits ("truncate") or drop the example ("drop"); both are counted
+    on_too_long: str = choices("truncate", "drop", default="truncate")
+    packing: bool = False  # padding-free: a micro-batch becomes one row, attention kept per example
+    group_by_length: bool = True
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            problems.append("data.max_prompt_length: must be smaller than data.max_length")
+        for i, source in enumerate(self.train if isinstance(self.train, list) else []):
+            if isinstance(source, SourceSection):
+                where = f"data.train[{i}]"
+                if not source.path:
+                    problems.append(f"{where}.path: missing")
+                if source.weight is not None and not 0 <= source.weight < float("inf"):
+                    problems.append(f"{where}.weight: must be a finite number >= 0, got {source.weight}")
+                if source.max_examples is not None and source.max_examples < 1:
+                    problems.append(f"{where}.max_examples: must be >= 1, got {source.max_examples}")
+        return problems
+
+
+@dataclass
+class TrainingSection:
+    epochs: float = number("> 0", 1.0)
+    max_steps: int | None = number("> 0", None)
+    micro_batch_size: int = number("> 0", 4)
+    grad_accum: int = number("> 0", 1)
+    lr: float = number("> 0", 2e-5)
+    weight_decay: float = number(">= 0", 0.0)
+    adam_betas: list[float] = number("[0, 1)", default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = number("> 0", 1e-8)
+    optimizer: str = choices("adamw", "adamw_8bit", "paged_adamw_8bit", default="adamw")
+    scheduler: str = choices("cosine", "linear", "constant", default="cosine")
+    warmup_ratio: float = number("[0, 1]", 0.0)
+    warmup_steps: int = number(">= 0", 0)  # lower bound on warmup (Llama 2: 3% of steps, at least 5)
+    min_lr_ratio: float = number("[0, 1]", 0.0)  # cosine floor as a fraction of lr (Llama 2 RM: 0.1)
+    max_grad_norm: float | None = 1.0
+    precision: str = choices("fp32", "bf16", "fp16", default="fp32")
+    seed: int = 42
+    log_every: int = number("> 0", 1)
+    eval_every: int | None = number("> 0", None)
+    # checkpoints: every save_every steps (PPO: iterations); null: every 10% of the run's steps. Also every
+    # save_every_minutes since the last save, whichever comes first (0: no time-based saves). save_every: 0
+    # turns periodic checkpoints off altogether (a stop on SIGTERM/SIGINT still saves one)
+    save_every: int | None = number(">= 0", None)
+    save_every_minutes: float = number(">= 0", 30.0)
+    keep_last: int = number("> 0", 2)
+    # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
+    # and count it (skipped_steps in metrics and summary)
+    nan_policy: str = choices("stop", "skip", default="stop")
+
+    def check(self) -> list[str]:
+        from align_cli.recipe import range_problems
+
+        note = " (or null: no clipping)"
+        problems = range_problems("training.max_grad_norm", self.max_grad_norm, "> 0", note)
+        if len(self.adam_betas or []) != 2:
+            problems.append(f"training.adam_betas: expected two numbers, got {self.adam_betas}")
+        return problems
+
+
+@dataclass
+class OutputSection:
+    dir: str | None = None  # default: runs/<stage>/<timestamp>
+    overwrite: bool = False
+
+
+@dataclass
+class SFTSection:
+    pass
+
+
+# Llama 2's "small" margin table m(rating); its large one is {3, 2, 1, 0}
+LLAMA2_SMALL_MARGINS = {
+    "significantly_better": 1.0,
+    "better": 0.667,
+    "slightly_better": 0.333,
+    "negligibly_better": 0.0,
+    "unsure": 0.0,
+}
+
+
+@dataclass
+class RewardSection:
+    # Llama 2 margin: loss -log sigma(r_c - r_r - m); m is a record's `margin`, else margins[its rating]
+    use_margin: bool = True
+    margins: dict[str, float] = number(">= 0", default_factory=lambda: dict(LLAMA2_SMALL_MARGINS))
+    center_coef: float = number(">= 0", 0.0)  # reward centering: + coef * (r_c + r_r)^2 per pair (e.g. 0.01)
+    # init of a newly added scalar head: normal(0, 1/sqrt(hidden + 1)) or zeros (all rewards start at 0)
+    head: str = choices("normal", "zeros", default="normal")
+
+
+@dataclass
+class DPOSection:
+    beta: float = number(
+        "> 0", 0.1
+    )  # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5)
+    loss_type: str = choices("sigmoid", "ipo", "hinge", default="sigmoid")
+    label_smoothing: float = number(
+        "[0, 0.5)", 0.0
+    )  # conservative DPO: probability that a preference label is wrong
+    reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
+    # true: reference log-probs computed once before training and cached on disk (no reference model in
+    # memory while training); false: a live reference model scores every batch
+    reference_cache: bool = True
+    reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
+
+
+@dataclass
+class RejectionSection:
+    reward_model: str | None = None  # default: the last `align reward` output
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    max_prompts: int | None = number("> 0", None)
+    n: int = number("> 0", 16)  # samples per prompt
+    max_new_tokens: int = number("> 0", 64)
+    temperature: float = number(">= 0", 1.0)
+    top_p: float = number("(0, 1]", 1.0)
+    top_k: int = number(">= 0", 0)
+    prompts_per_batch: int = number("> 0", 8)  # prompts per generate call, each with its n samples
+    score_batch_size: int = number("> 0", 32)
+    # best: the top sample per prompt (Llama 2); top_k: the `keep` best; threshold: every sample >= threshold
+    select: str = choices("best", "top_k", "threshold", default="best")
+    keep: int = number("> 0", 1)
+    threshold: float | None = number("finite", None)
+    rounds: int = number("> 0", 1)
+    then: str = choices("none", "sft", default="none")  # fine-tune on the selected samples after each round
+    keep_previous_best: bool = True  # Llama 2: a prompt keeps its best sample over all rounds
+    eval_n: int = number("> 0", 4)  # samples per prompt used to measure the fine-tuned policy's mean reward
+    backend: str = choices("auto", "transformers", "vllm", default="auto")
+
+
+@dataclass
+class PPOSection:
+    reward_model: str | None = None  # default: the last `align reward` output
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    # value model: a copy of the reward model (InstructGPT) or a scalar head on the policy's last hidden state
+    value_model: str = choices("reward_model", "policy_head", default="reward_model")
+    iterations: int = number("> 0", 20)  # rollout + update rounds (training.max_steps overrides)
+    rollout_batch_size: int = number("> 0", 16)  # prompts per iteration, one response each
+    mini_batch_size: int = number("> 0", 8)  # one optimizer step per mini-batch (Llama 2: 512 / 64)
+    ppo_epochs: int = number("> 0", 4)
+    max_new_tokens: int = number("> 0", 32)
+    temperature: float = number("> 0", 1.0)  # PPO samples from the policy (0 would be greedy)
+    top_p: float = number("(0, 1]", 1.0)
+    top_k: int = number(">= 0", 0)
+    kl_coef: float = number(">= 0", 0.05)  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
+    kl_estimator: str = choices("k1", "k3", default="k1")
+    adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
+    kl_target: float = number("> 0", 6.0)
+    kl_horizon: int = number("> 0", 10000)
+    gamma: float = number("[0, 1]", 1.0)
+    lam: float = number("[0, 1]", 0.95)
+    cliprange: float = number("> 0", 0.2)
+    cliprange_value: float = number("> 0", 0.2)
+    vf_coef: float = number(">= 0", 0.1)
+    whiten_advantages: bool = True
+    score_norm: bool = False  # standardise scores within each rollout batch
+    score_clip: float | None = number("> 0", None)  # clip scores to [-c, c]
+    missing_eos_penalty: float | None = number(
+        "finite", None
+    )  # subtracted from the score of responses without EOS
+    ptx_data: str | None = None  # PPO-ptx: SFT/pretraining JSONL mixed into every update
+    ptx_coef: float = number(">= 0", 0.0)  # gamma of PPO-ptx (InstructGPT 27.8, on per-token mean NLL)
+    ptx_batch_size: int = number("> 0", 8)
+    log_samples: int = number(">= 0", 4)  # generations per iteration written to samples.jsonl
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.rollout_batch_size > 0 and self.mini_batch_size > self.rollout_batch_size:
+            problems.append(
+                f"ppo.mini_batch_size: must be <= ppo.rollout_batch_size ({self.rollout_batch_size}), "
+                f"got {self.mini_batch_size}"
+            )
+        if self.top_p < 1.0 or self.top_k > 0:
+            problems.append(
+                f"ppo.top_p={self.top_p}, ppo.top_k={self.top_k}: PPO's ratios and KL are computed on the "
+                "full distribution at ppo.temperature, so rollouts must be sampled from it; use top_p 1.0 "
+                "and top_k 0"
+            )
+        return problems
