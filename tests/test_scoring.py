@@ -16,7 +16,8 @@ from align_cli.data.formats import Record
 from align_cli.data.preference import collate_responses, encode_preference
 from align_cli.data.prompts import Prompt
 from align_cli.data.tokenize import tokenize_sft
-from align_cli.models import load_reward_model, reward_scores
+from align_cli.forward import reward_scores
+from align_cli.models import load_reward_model
 from align_cli.recipe import ModelSection
 from align_cli.scoring import score
 from align_cli.stages.rejection_sampling import select, sft_record
