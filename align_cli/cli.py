@@ -261,7 +261,7 @@ def reward_score(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
 ) -> None:
     """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
-    from align_cli.stages.reward import run_score
+    from align_cli.reward_score import run_score
 
     if template is not None and template not in ("auto", "alpaca", "chat", "plain"):
         _fail(f"--template {template!r}: choose one of auto, alpaca, chat, plain")

@@ -28,9 +28,11 @@ from rich.console import Console
 
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt
+from align_cli.forward import summed_logps
 from align_cli.generation import SamplingParams, sample
-from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
+from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import ModelSection, RecipeError
+from align_cli.reference import load_reference
 from align_cli.scoring import score
 from align_cli.stages.rejection_sampling import best_of_n_weights
 
@@ -115,9 +117,7 @@ def sequence_logprobs(
             {"prompt_ids": p, "responses": [r], "margin": None}
             for p, r in zip(prompt_ids[start : start + 32], responses[start : start + 32])
         ]
-        batch = collate_responses(examples, pad_id)
-        logps, seq = response_logprobs(model, batch, TEMPERATURE)
-        out.append(torch.zeros(len(examples)).index_add(0, seq, logps))
+        out.append(summed_logps(model, collate_responses(examples, pad_id), TEMPERATURE))
     return torch.cat(out)
 
 
@@ -146,7 +146,7 @@ class Evaluator:
         )
         self.ground_truth = ground_truth
         self.tokenizer = load_tokenizer(ModelSection(name_or_path=reference_dir))
-        self.reference = load_causal_lm(ModelSection(name_or_path=reference_dir)).eval()
+        self.reference = load_reference(ModelSection(name_or_path=reference_dir))
         self.prompt_ids = [p.ids(template, self.tokenizer) for p in prompts]
         self.scorer = self.scorer_tok = None
         if reward_model:

@@ -1,20 +1,18 @@
-"""Loading models and tokenizers (dtype, LoRA, gradient checkpointing) and per-token log-probs."""
+"""Loading models and tokenizers (dtype, quantization, LoRA, gradient checkpointing, dropout) and saving them.
+
+Forward passes (log-probs, reward scores) are in ``align_cli.forward``."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from align_cli.data.collate import row_buckets
-from align_cli.data.tokenize import IGNORE_INDEX
 from align_cli.errors import AlignError
-from align_cli.logprobs import head_logprobs
 from align_cli.recipe import LoraSection, ModelSection
 
 log = logging.getLogger("align")
@@ -267,80 +265,6 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, state_dict
     tokenizer.save_pretrained(out_dir)
 
 
-def sequence_index(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Which sequence each token belongs to: the row when padded, or the packed example when a
-    padding-free batch holds several examples in one row (position ids restart at 0)."""
-    if "position_ids" in batch:
-        return (batch["position_ids"] == 0).long().cumsum(-1) - 1
-    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
-    return rows[:, None].expand_as(batch["input_ids"])
-
-
-def response_logprobs(
-    model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(token) for every supervised token of the batch, and the sequence each belongs to; with
-    ``temperature`` T, under pi_T = softmax(logits / T), the distribution a sampler at T draws from.
-
-    Only the positions whose next token is supervised go through the LM head (transformers'
-    boolean ``logits_to_keep``), so prompt and padding positions never produce vocabulary-sized
-    logits, and those go through it in chunks fused with the log-softmax and the gather
-    (align_cli/logprobs.py). A batch with length buckets (``batch["buckets"]``, from
-    ``length_buckets``) runs one forward pass per bucket, with the same result as one padded pass.
-    Returns (logps [N], sequence index [N]), N = number of supervised tokens, in row-major order."""
-    (logps,) = per_token_by_bucket(
-        lambda sub: (_one_pass_logprobs(model, sub, temperature),), batch, batch.get("buckets")
-    )
-    return logps, sequence_index(batch)[:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
-
-
-def _one_pass_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    labels = batch["labels"]
-    targets_mask = labels[:, 1:] != IGNORE_INDEX
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = targets_mask
-    with head_logprobs(model, labels[:, 1:][targets_mask], temperature=temperature) as result:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            logits_to_keep=keep,
-            use_cache=False,
-        )
-    return result[-1][0]
-
-
-def per_token_by_bucket(
-    run: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor | None, ...]],
-    batch: dict[str, torch.Tensor],
-    buckets: list[tuple[list[int], int]] | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """``run(sub_batch)`` once per length bucket (``length_buckets``), its flat per-supervised-token
-    outputs put back in the whole batch's row-major order: the same result as one padded pass, with
-    short rows not padded to the longest."""
-    groups = row_buckets({**batch, "buckets": buckets})
-    if len(groups) == 1:
-        return run(batch)
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    # flat position of each supervised token in the whole batch's row-major order
-    numbering = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
-    numbering[keep] = torch.arange(int(keep.sum()), device=keep.device)
-    parts, where = [], []
-    for index, sub in groups:
-        parts.append(run(sub))
-        width = sub["labels"].shape[1] - 1
-        where.append(numbering[index, :width][keep[index, :width]])
-    where = torch.cat(where)
-    outputs = []
-    for k, first in enumerate(parts[0]):
-        if first is None:
-            outputs.append(None)
-            continue
-        values = torch.cat([part[k] for part in parts])
-        outputs.append(values.new_empty(values.shape).scatter(0, where, values))
-    return tuple(outputs)
-
-
 # ----------------------------------------------------------------------------- reward models
 
 
@@ -363,6 +287,8 @@ def load_reward_model(
     try:
         if is_adapter_dir(section.name_or_path):  # a LoRA reward model (head saved beside the adapter)
             model = load_merged(section.name_or_path, AutoModelForSequenceClassification, **kwargs)
+            # where it came from, not its base: scoring reads the trained length settings beside it
+            model.config.name_or_path = _local(section.name_or_path)
             adapter_config = Path(section.name_or_path) / "adapter_config.json"
             task = json.loads(adapter_config.read_text()).get("task_type")
             info = {"missing_keys": [] if task == "SEQ_CLS" else ["score.weight"]}
@@ -377,7 +303,7 @@ def load_reward_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     head = score_head(model)
-    # HF's own pooling reads the last token that is not pad_token_id; reward_scores reads last_index
+    # HF's own pooling reads the last token that is not pad_token_id; forward.reward_scores reads last_index
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     if any(key.startswith("score.") for key in info["missing_keys"]):
@@ -399,29 +325,3 @@ def score_head(model: nn.Module) -> nn.Module:
     if not heads:
         raise ModelError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification")
     return min(heads, key=lambda item: item[0].count("."))[1]
-
-
-def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """r(x, y) of every row: the scalar head read at the row's final token ``batch["last_index"]``.
-
-    The head's per-position output is captured with a forward hook, so the model still runs through
-    its wrappers (DDP, autocast, peft) and HF's pad-id guess is never used (it picks the wrong token
-    when the pad token is EOS and responses end with EOS). Rows run in one forward pass per length
-    bucket (``batch["buckets"]``), so short rows are not padded. Returns float32 scores, shape [R]."""
-    captured: list[torch.Tensor] = []
-    handle = score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
-    groups = row_buckets(batch)
-    parts = []
-    try:
-        for index, sub in groups:
-            model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], use_cache=False)
-            per_position = captured[-1]  # [rows, T, 1]
-            rows = torch.arange(per_position.shape[0], device=per_position.device)
-            last = batch["last_index"] if index is None else batch["last_index"][index]
-            parts.append(per_position[rows, last, 0].float())
-    finally:
-        handle.remove()
-    if len(groups) == 1:
-        return parts[0]
-    scores = torch.cat(parts)  # bucket order -> the batch's row order
-    return scores.new_empty(scores.shape).scatter(0, torch.cat([index for index, _ in groups]), scores)

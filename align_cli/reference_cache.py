@@ -33,8 +33,7 @@ from typing import Any
 import torch
 
 from align_cli.data.preference import collate_responses
-from align_cli.data.tokenize import IGNORE_INDEX
-from align_cli.models import response_logprobs, sequence_index
+from align_cli.forward import summed_logps, to_device
 from align_cli.runs import runs_root, why, write_atomic
 
 log = logging.getLogger("align")
@@ -46,22 +45,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGN_CACHE_DIR") or runs_root() / ".align_cache")
-
-
-def summed_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """log pi(y|x) summed over each row's response tokens: [R] for the R rows of ``batch`` (one forward
-    pass per length bucket of rows when the batch has ``buckets``)."""
-    logps, seq = response_logprobs(model, batch)
-    rows = batch["input_ids"].shape[0]
-    return torch.zeros(rows, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
-
-
-def response_lengths(batch: dict[str, Any]) -> torch.Tensor:
-    """The number of supervised (response) tokens of each row: [R], the tokens ``summed_logps`` sums
-    over (IPO divides by it, for the policy's and the cached or live reference's sums alike)."""
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    seq = sequence_index(batch)[:, 1:][keep]
-    return torch.bincount(seq, minlength=batch["input_ids"].shape[0])
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -169,7 +152,7 @@ def compute_logps(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate_responses([examples[i] for i in chunk], pad_token_id)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast() if autocast else nullcontext():
             values = summed_logps(model, batch).float().cpu().tolist()
         for value, group in zip(values, batch["group"].tolist()):

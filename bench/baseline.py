@@ -1,7 +1,7 @@
 """The naive log-prob hot path, kept for `bench/run.py --naive` (before/after in one run).
 
 It materialises full-vocabulary log-softmax for every kept position at once, as align did before the
-chunked LM head (align_cli.models.response_logprobs / stages.ppo.ActorCritic). ``install()`` patches
+chunked LM head (align_cli.forward.response_logprobs / stages.ppo.ActorCritic). ``install()`` patches
 it in place of the production path in the bench's child process only.
 """
 
@@ -13,7 +13,7 @@ from align_cli.data.tokenize import IGNORE_INDEX
 
 
 def naive_response_logprobs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    from align_cli.models import sequence_index
+    from align_cli.forward import sequence_index
 
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
@@ -64,12 +64,12 @@ def naive_actor_forward(
 
 def install() -> None:
     """Replace the production log-prob path by the naive one everywhere it was imported."""
-    import align_cli.models
-    import align_cli.reference_cache
+    import align_cli.evaluate
+    import align_cli.forward
     import align_cli.stages.ppo
     import align_cli.stages.sft
 
-    for module in (align_cli.models, align_cli.reference_cache, align_cli.stages.sft, align_cli.stages.ppo):
+    for module in (align_cli.forward, align_cli.evaluate, align_cli.stages.sft, align_cli.stages.ppo):
         if hasattr(module, "response_logprobs"):
             module.response_logprobs = naive_response_logprobs
     align_cli.stages.ppo.ActorCritic.forward = naive_actor_forward

@@ -252,10 +252,11 @@ def bench_dpo_live(model_dir: Path, a: argparse.Namespace) -> dict:
     the model scores every batch, so it is in memory for the whole run."""
     from align_cli.engine.loop import StageSpec, make_accelerator
     from align_cli.recipe import DPOSection, TrainingSection
-    from align_cli.stages.dpo import live_reference, make_collate, make_compute_loss
+    from align_cli.reference import LiveReference
+    from align_cli.stages.dpo import make_collate, make_compute_loss
 
     model = _causal_lm(model_dir)
-    reference = live_reference(make_accelerator("fp32"), _causal_lm(model_dir).requires_grad_(False).eval())
+    reference = LiveReference(make_accelerator("fp32"), _causal_lm(model_dir).requires_grad_(False).eval())
     pairs = a.micro // 2
     examples = synthetic_pairs(pairs * (a.steps + WARMUP), model.config.vocab_size)
     t = TrainingSection(micro_batch_size=pairs, lr=1e-5, max_steps=a.steps + WARMUP)

@@ -27,9 +27,10 @@ from align_cli.data.preference import tokenize_preferences
 from align_cli.data.tokenize import IGNORE_INDEX, tokenize_sft
 from align_cli.engine.session import split_holdout
 from align_cli.recipe import DPOSection, RecipeError
+from align_cli.reference import LiveReference
 from align_cli.reference_cache import compute_logps
 from align_cli.runs import record_output
-from align_cli.stages.dpo import live_reference, make_collate, make_compute_loss, preference_loss, run_dpo
+from align_cli.stages.dpo import make_collate, make_compute_loss, preference_loss, run_dpo
 from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe, metric_rows, quiet_console, step_losses, weights, write_jsonl
@@ -276,7 +277,7 @@ def test_ipo_uses_per_token_logps_with_cached_or_live_reference(tiny_model: Path
         e["ref_logps"] = values
     batch = make_collate(pad)(examples)
     cached, _ = make_compute_loss(cfg)(policy, batch)
-    live_ref = live_reference(SimpleNamespace(autocast=nullcontext), reference)
+    live_ref = LiveReference(SimpleNamespace(autocast=nullcontext), reference)
     live, _ = make_compute_loss(cfg, live_ref)(policy, {k: v for k, v in batch.items() if k != "ref_logps"})
     assert cached.item() == pytest.approx(by_hand, rel=1e-5)
     assert live.item() == pytest.approx(by_hand, rel=1e-5)

@@ -13,7 +13,8 @@ from torch import nn
 from align_cli import logprobs as LP
 from align_cli.data.collate import pad_collate
 from align_cli.data.tokenize import IGNORE_INDEX
-from align_cli.models import load_causal_lm, load_reward_model, response_logprobs
+from align_cli.forward import response_logprobs
+from align_cli.models import load_causal_lm, load_reward_model
 from align_cli.recipe import ModelSection
 from align_cli.stages.ppo import ActorCritic
 
@@ -131,8 +132,7 @@ def test_length_buckets_cover_every_row_once_and_cut_padding():
 
 def test_bucketed_forward_passes_equal_one_padded_pass(model_and_batch, tiny_model: Path):
     from align_cli.data.preference import collate_responses
-    from align_cli.models import reward_scores
-    from align_cli.reference_cache import summed_logps
+    from align_cli.forward import reward_scores, summed_logps
 
     model, _ = model_and_batch
     torch.manual_seed(1)

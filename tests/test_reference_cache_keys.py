@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from align_cli.reference import reference_cache_material
 from align_cli.reference_cache import reference_key
-from align_cli.stages.dpo import reference_cache_material
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe
 

@@ -15,15 +15,16 @@ import align_cli.stages.reward as reward_stage
 from align_cli.cli import app
 from align_cli.data.formats import DataError, load_records
 from align_cli.data.preference import collate_responses, tokenize_preferences
-from align_cli.models import load_reward_model, reward_scores
+from align_cli.forward import reward_scores
+from align_cli.models import load_reward_model
 from align_cli.recipe import LoraSection, ModelSection, RecipeError, RewardSection, load_recipe
+from align_cli.reward_score import score_records
 from align_cli.runs import record_output
 from align_cli.stages.reward import (
     collate_pairs,
     make_compute_loss,
     record_margins,
     run_reward,
-    score_records,
 )
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe, metric_rows, quiet_console, write_jsonl

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align_cli.data.collate import pad_collate
 from align_cli.data.formats import load_records
 from align_cli.data.tokenize import tokenize_sft
-from align_cli.models import response_logprobs
+from align_cli.forward import response_logprobs
 from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe, quiet_console, step_losses, weights, write_jsonl

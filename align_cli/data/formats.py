@@ -1,27 +1,20 @@
-"""Readers and validators for every record kind the CLI accepts.
+"""Validators for every record kind the CLI accepts.
 
-Records are read from JSONL files (or hub data sets through ``datasets``) and validated before any
-model is loaded. Every problem is reported as ``file:line: field: what is wrong``; all problems of a
-file are collected (up to a cap) and raised together as one DataError.
+Records are read by ``align_cli.data.readers`` (JSONL, JSON, Parquet, CSV/TSV, saved or hub data sets)
+and validated here before any model is loaded. Every problem is reported as ``file:line: field: what is
+wrong``; all problems of a file are collected (up to a cap) and raised together as one DataError.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from align_cli.data.normalize import normalize
-from align_cli.data.readers import DataError, ReadOptions, read_rows
+from align_cli.data.readers import MAX_REPORTED_ERRORS, DataError, ReadOptions, raise_collected, read_rows
 
-MAX_REPORTED_ERRORS = 20
-# a JSONL line longer than this is refused without being read into memory (a runaway line is almost
-# always a broken export, e.g. a whole file on one line); ALIGN_MAX_LINE_MB changes it
-MAX_LINE_MB_ENV = "ALIGN_MAX_LINE_MB"
-DEFAULT_MAX_LINE_MB = 10.0
 ROLES = ("system", "user", "assistant", "tool")
 USER_SIDE = ("user", "tool")  # turns the model answers: a user's, or a tool's result
 KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked")
@@ -42,111 +35,6 @@ class Record:
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
-
-
-def max_line_bytes() -> int:
-    raw = os.environ.get(MAX_LINE_MB_ENV)
-    try:
-        megabytes = float(raw) if raw else DEFAULT_MAX_LINE_MB
-    except ValueError:
-        raise DataError(f"{MAX_LINE_MB_ENV}={raw!r}: expected a number of megabytes") from None
-    return max(1, int(megabytes * 2**20))
-
-
-def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, bytes or None when longer than ``limit``, size in bytes), reading at most about
-    ``limit`` bytes at a time: an overlong line is skipped in bounded chunks, never held whole."""
-    line_no = 0
-    while True:
-        raw = handle.readline(limit + 1)
-        if not raw:
-            return
-        line_no += 1
-        if len(raw) <= limit or raw.endswith(b"\n"):
-            yield line_no, raw, len(raw)
-            continue
-        size = len(raw)
-        while not raw.endswith(b"\n"):
-            raw = handle.readline(2**20)
-            if not raw:
-                break
-            size += len(raw)
-        yield line_no, None, size
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:  # plain json would keep the last value, silently
-            raise ValueError(f"duplicate key {key!r} (which value is meant?)")
-        obj[key] = value
-    return obj
-
-
-# refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin or score would turn
-# the loss into NaN; and a key given twice in one object (which value was meant?)
-JSON_DECODER = json.JSONDecoder(
-    parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
-)
-
-
-def parse_json_line(text: str) -> Any:
-    """One JSON document, by ``JSON_DECODER``. Raises ValueError with the reason."""
-    try:
-        return JSON_DECODER.decode(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{exc.msg} (column {exc.colno})") from None
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """Parse a JSONL file into (line number, object); blank lines are skipped.
-
-    The file is read line by line. Non-UTF-8 bytes, malformed JSON, NaN/Infinity and lines longer than
-    ``ALIGN_MAX_LINE_MB`` (default 10) are errors naming the line; all of them are reported together."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    limit = max_line_bytes()
-    rows, errors = [], []
-    with p.open("rb") as handle:
-        for line_no, raw, size in _lines(handle, limit):
-            if raw is None:
-                errors.append(
-                    f"{p}:{line_no}: line is {size / 2**20:.1f} MB; lines over {limit / 2**20:g} MB are "
-                    f"refused (set {MAX_LINE_MB_ENV} to allow longer ones)"
-                )
-            else:
-                try:
-                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading BOM is fine
-                except UnicodeDecodeError as exc:
-                    bad = raw[exc.start : exc.start + 1]
-                    errors.append(f"{p}:{line_no}: not valid UTF-8 (byte {exc.start}: {bad!r})")
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    rows.append((line_no, parse_json_line(text)))
-                except ValueError as exc:
-                    errors.append(f"{p}:{line_no}: malformed JSON: {exc}")
-            if len(errors) >= MAX_REPORTED_ERRORS:
-                break
-    _raise_if(errors, p)
-    if not rows:
-        raise DataError(f"{p}: no records (the file is empty or only blank lines)")
-    return rows
 
 
 # the fields that make a record of each kind, in the order kinds are preferred when a record fits
@@ -189,12 +77,6 @@ def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...], found: str | None)
         f"found the fields {fields}; this command takes {kinds}. Map a column onto one of these with "
         f"data.columns, e.g. --set data.columns.prompt={first}, or give data.format"
     )
-
-
-def _raise_if(errors: list[str], source: Any) -> None:
-    if errors:
-        more = " (showing the first ones)" if len(errors) >= MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{source}: {len(errors)} bad record(s){more}:\n  " + "\n  ".join(errors))
 
 
 def _text(obj: dict, key: str, errors: list[str], required: bool = True, allow_empty: bool = False) -> None:
@@ -369,5 +251,5 @@ def load_records(
                 break
         else:
             records.append(Record(source=where, line=line, kind=kind, fields=obj))
-    _raise_if(errors, source)
+    raise_collected(errors, source)
     return records

@@ -10,7 +10,7 @@ Applied to every row as it is read (``formats.load_records``, ``prompts.load_pro
   become conversations;
 - TRL's implicit prompt: text ``chosen``/``rejected`` without a ``prompt`` share their start, which is
   the prompt (the longest common prefix, as TRL's ``extract_prompt``); conversations without a prompt
-  are split at their shared turns later (``preference.split_conversations``).
+  are split at their shared turns later (``ranked.split_conversations``).
 The original row is left untouched; the returned one is what is validated and trained on.
 """
 

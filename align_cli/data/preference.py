@@ -3,7 +3,8 @@
 Each record becomes one prompt and K >= 2 responses ordered best first (a pair is K = 2). The
 prompt/response boundary is decided while rendering, segment by segment. Length policy: the prompt
 keeps its end (its start is cut to ``max_prompt_length``), each response keeps its start (its end is
-cut to fit ``max_length``); records left with an empty response are dropped and counted.
+cut to fit ``max_length``): ``fit_lengths``, which every reward-model scorer applies too. Records left
+with an empty response are dropped and counted.
 """
 
 from __future__ import annotations
@@ -13,64 +14,10 @@ from typing import Any
 import torch
 
 from align_cli.data.collate import length_buckets
-from align_cli.data.formats import DataError, Record
-from align_cli.data.templates import Segment, continuation, render_prompt, response_segments
+from align_cli.data.formats import Record
+from align_cli.data.ranked import ranked_responses, response_template
+from align_cli.data.templates import continuation, render_prompt, response_segments
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids
-
-
-def split_conversations(
-    chosen: list[dict], rejected: list[dict]
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """Anthropic-HH style: two full conversations -> (shared prompt messages, chosen tail, rejected tail)."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    while n > 0 and chosen[n - 1]["role"] == "assistant":  # the responses start at an assistant turn
-        n -= 1
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-def ranked_responses(record: Record) -> tuple[Any, list[Any]]:
-    """(prompt, responses best first) of a preference or ranked record."""
-    f = record.fields
-    if record.kind == "preference":
-        prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
-        # full conversations beside a `prompt` field (UltraFeedback-binarized): the shared turns are the
-        # prompt, so the user's message is never trained on or counted as part of the response
-        if (
-            isinstance(chosen, list)
-            and isinstance(rejected, list)
-            and chosen[:1] == rejected[:1]
-            and chosen[:1]
-            and isinstance(chosen[0], dict)
-            and chosen[0].get("role") != "assistant"
-        ):
-            prompt = None
-        if prompt is None:
-            if not (isinstance(chosen, list) and isinstance(rejected, list)):
-                raise DataError(
-                    f"{record.where}: prompt: missing (needed unless chosen/rejected are conversations)"
-                )
-            prompt, chosen, rejected = split_conversations(chosen, rejected)
-            if not chosen or not rejected:
-                raise DataError(
-                    f"{record.where}: chosen: identical conversations leave no response to compare"
-                )
-        return prompt, [chosen, rejected]
-    responses = list(f["responses"])
-    if "scores" in f:
-        order = sorted(range(len(responses)), key=lambda i: -f["scores"][i])
-        responses = [responses[i] for i in order]
-    return f["prompt"], responses
-
-
-def response_template(prompt: Any, template: str) -> str:
-    """The template a record's prompt and responses render with, decided per record: with data.template
-    auto, chat when the prompt is a list of messages, else plain. Reward training and every scorer
-    (``scoring.scored_row``) decide it here, so a sample is scored as the reward model's records were."""
-    if template == "auto":
-        return "chat" if isinstance(prompt, list) else "plain"
-    return template
 
 
 def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> list[int]:
@@ -81,16 +28,20 @@ def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> 
     return [t for piece, _ in segments for t in segment_ids(piece, tokenizer)]
 
 
-def chosen_segments(record: Record, template: str, tokenizer: Any) -> list[Segment]:
-    """Preferred-FT (the DPO paper's baseline): a preference or ranked record as an SFT example, the
-    prompt (not trained) followed by the chosen / best response, with the same template as DPO."""
-    prompt, responses = ranked_responses(record)
-    template = response_template(prompt, template)
-    prompt_text = render_prompt(prompt, template, tokenizer)
-    best = responses[0]
-    if isinstance(best, list):  # chat messages continuing the prompt: the text after the generation prompt
-        return [(prompt_text, False), (continuation(prompt, best, tokenizer), True)]
-    return [(prompt_text, False), *response_segments(best, template, tokenizer)]
+def fit_lengths(
+    prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int | None
+) -> tuple[list[int], list[list[int]], bool]:
+    """The one length rule of preference data and of every reward-model scorer (``scoring``): the prompt
+    keeps its end, cut to ``max_prompt_length`` (default ``max_length // 2``) with its first token (BOS)
+    kept; each response keeps its start, cut to the room the prompt leaves in ``max_length``.
+    Returns (prompt ids, response ids, whether anything was cut)."""
+    cap = max_prompt_length or max_length // 2
+    truncated = len(prompt_ids) > cap
+    if truncated:  # keep the end of the prompt, next to the response
+        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - cap + 1 :]
+    room = max_length - len(prompt_ids)
+    truncated = truncated or any(len(ids) > room for ids in responses)
+    return prompt_ids, [ids[:room] for ids in responses], truncated
 
 
 def encode_preference(
@@ -99,21 +50,11 @@ def encode_preference(
     """One record -> ({prompt_ids, responses, margin, rating, length, where}, drop reason, truncated)."""
     prompt, responses = ranked_responses(record)
     template = response_template(prompt, template)
-    prompt_text = render_prompt(prompt, template, tokenizer)
-    prompt_ids, _ = encode_segments([(prompt_text, False)], tokenizer)
-    cap = max_prompt_length or max_length // 2
-    truncated = len(prompt_ids) > cap
-    if truncated:  # keep the end of the prompt, next to the response; BOS stays first
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - cap + 1 :]
-    response_ids = []
-    for response in responses:
-        ids = _response_ids(prompt, response, template, tokenizer)
-        room = max_length - len(prompt_ids)
-        if len(ids) > room:
-            ids, truncated = ids[:room], True
-        if not ids:
-            return None, "no_response_tokens_left", truncated
-        response_ids.append(ids)
+    prompt_ids, _ = encode_segments([(render_prompt(prompt, template, tokenizer), False)], tokenizer)
+    response_ids = [_response_ids(prompt, response, template, tokenizer) for response in responses]
+    prompt_ids, response_ids, truncated = fit_lengths(prompt_ids, response_ids, max_length, max_prompt_length)
+    if not all(response_ids):
+        return None, "no_response_tokens_left", truncated
     if len({tuple(r) for r in response_ids}) < len(response_ids):
         return None, "responses_identical_after_truncation", truncated
     f = record.fields

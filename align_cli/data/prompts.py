@@ -7,9 +7,10 @@ from typing import Any
 
 from align_cli.data.formats import validate_messages
 from align_cli.data.normalize import normalize
+from align_cli.data.ranked import split_conversations
 from align_cli.data.readers import DataError, ReadOptions, read_rows
 from align_cli.data.templates import alpaca_prompt, render_prompt
-from align_cli.data.tokenize import encode_segments
+from align_cli.data.tokenize import DataStats, encode_segments
 
 
 @dataclass
@@ -48,9 +49,7 @@ def _parse(obj: Any, where: str) -> Prompt | str:
             messages = messages[:-1]
         return Prompt(where, messages)
     if "prompt" not in obj and isinstance(obj.get("chosen"), list) and isinstance(obj.get("rejected"), list):
-        from align_cli.data.preference import split_conversations  # implicit prompt: the shared turns
-
-        obj = {"prompt": split_conversations(obj["chosen"], obj["rejected"])[0]}
+        obj = {"prompt": split_conversations(obj["chosen"], obj["rejected"])[0]}  # the shared turns
     prompt = obj.get("prompt")
     if isinstance(prompt, list):
         problems = validate_messages(prompt, "prompt", need_assistant_last=False)
@@ -87,8 +86,6 @@ def fit_prompts(
     """The prompts that leave room to generate (at most ``max_tokens`` tokens: data.max_length minus
     max_new_tokens), the first ``limit`` of them, and their accounting (a DataStats: read = kept +
     dropped by reason). Longer prompts are dropped, never cut: a cut prompt asks another question."""
-    from align_cli.data.tokenize import DataStats
-
     stats = DataStats(read=len(prompts))
     kept = []
     for prompt in prompts:

@@ -11,6 +11,9 @@ in the file for CSV/TSV (the header is line 1). So every error still reads ``FIL
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,22 @@ from align_cli.errors import AlignError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 Row = tuple[str, int, Any]  # (source, line or row number, record)
+MAX_REPORTED_ERRORS = 20
+# a JSONL line longer than this is refused without being read into memory (a runaway line is almost
+# always a broken export, e.g. a whole file on one line); ALIGN_MAX_LINE_MB changes it
+MAX_LINE_MB_ENV = "ALIGN_MAX_LINE_MB"
+DEFAULT_MAX_LINE_MB = 10.0
 
 
 class DataError(AlignError, ValueError):
     """Input data that cannot be used; the message names file, line and field."""
+
+
+def raise_collected(errors: list[str], source: Any) -> None:
+    """One DataError naming ``source`` with every collected problem (``file:line: field: problem``)."""
+    if errors:
+        more = " (showing the first ones)" if len(errors) >= MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{source}: {len(errors)} bad record(s){more}:\n  " + "\n  ".join(errors))
 
 
 @dataclass
@@ -39,6 +54,117 @@ class ReadOptions:
 def read_options(data: Any) -> ReadOptions:
     """The reading settings of a recipe's ``data`` section."""
     return ReadOptions(data.hub_split, data.hub_config, dict(data.columns), dict(data.roles))
+
+
+# ----------------------------------------------------------------------------- JSON and JSONL
+
+
+def max_line_bytes() -> int:
+    raw = os.environ.get(MAX_LINE_MB_ENV)
+    try:
+        megabytes = float(raw) if raw else DEFAULT_MAX_LINE_MB
+    except ValueError:
+        raise DataError(f"{MAX_LINE_MB_ENV}={raw!r}: expected a number of megabytes") from None
+    return max(1, int(megabytes * 2**20))
+
+
+def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes or None when longer than ``limit``, size in bytes), reading at most about
+    ``limit`` bytes at a time: an overlong line is skipped in bounded chunks, never held whole."""
+    line_no = 0
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield line_no, raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = handle.readline(2**20)
+            if not raw:
+                break
+            size += len(raw)
+        yield line_no, None, size
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:  # plain json would keep the last value, silently
+            raise ValueError(f"duplicate key {key!r} (which value is meant?)")
+        obj[key] = value
+    return obj
+
+
+# refuses NaN/Infinity (and numbers that overflow to inf): such a value in a margin or score would turn
+# the loss into NaN; and a key given twice in one object (which value was meant?)
+JSON_DECODER = json.JSONDecoder(
+    parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys
+)
+
+
+def parse_json_line(text: str) -> Any:
+    """One JSON document, by ``JSON_DECODER``. Raises ValueError with the reason."""
+    try:
+        return JSON_DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """Parse a JSONL file into (line number, object); blank lines are skipped.
+
+    The file is read line by line. Non-UTF-8 bytes, malformed JSON, NaN/Infinity and lines longer than
+    ``ALIGN_MAX_LINE_MB`` (default 10) are errors naming the line; all of them are reported together."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    limit = max_line_bytes()
+    rows, errors = [], []
+    with p.open("rb") as handle:
+        for line_no, raw, size in _lines(handle, limit):
+            if raw is None:
+                errors.append(
+                    f"{p}:{line_no}: line is {size / 2**20:.1f} MB; lines over {limit / 2**20:g} MB are "
+                    f"refused (set {MAX_LINE_MB_ENV} to allow longer ones)"
+                )
+            else:
+                try:
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading BOM is fine
+                except UnicodeDecodeError as exc:
+                    bad = raw[exc.start : exc.start + 1]
+                    errors.append(f"{p}:{line_no}: not valid UTF-8 (byte {exc.start}: {bad!r})")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    rows.append((line_no, parse_json_line(text)))
+                except ValueError as exc:
+                    errors.append(f"{p}:{line_no}: malformed JSON: {exc}")
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+    raise_collected(errors, p)
+    if not rows:
+        raise DataError(f"{p}: no records (the file is empty or only blank lines)")
+    return rows
+
+
+# ----------------------------------------------------------------------------- every source
 
 
 def read_rows(source: str, options: ReadOptions | None = None) -> list[Row]:
@@ -65,8 +191,6 @@ def read_rows(source: str, options: ReadOptions | None = None) -> list[Row]:
 
 
 def read_file(path: Path) -> list[Row]:
-    from align_cli.data.formats import read_jsonl
-
     suffix = path.suffix
     if suffix == ".jsonl":
         return [(str(path), line, obj) for line, obj in read_jsonl(path)]
@@ -112,8 +236,6 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
 
 
 def _csv_cell(key: str, value: str) -> Any:
-    from align_cli.data.formats import JSON_DECODER
-
     if key == "margin" or value[:1] in ("[", "{"):
         try:
             decoded = JSON_DECODER.decode(value)
@@ -126,8 +248,6 @@ def _csv_cell(key: str, value: str) -> Any:
 
 def _read_json(path: Path) -> list[Row]:
     """A JSON array of records (each numbered by the line it starts on), or JSON lines."""
-    from align_cli.data.formats import JSON_DECODER, read_jsonl
-
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align_cli.data.formats import Record
+from align_cli.data.ranked import chosen_segments
 from align_cli.data.templates import Segment, render_sft_record
 
 IGNORE_INDEX = -100  # label of a token that is not trained on (prompt, padding)
@@ -86,8 +87,6 @@ def tokenize_sft(
     for record in records:
         stats.read += 1
         if record.kind in ("preference", "ranked"):  # Preferred-FT: SFT on prompt + chosen
-            from align_cli.data.preference import chosen_segments  # (preference.py imports this module)
-
             segments = chosen_segments(record, template, tokenizer)
         else:
             segments = render_sft_record(record.kind, record.fields, template, tokenizer)

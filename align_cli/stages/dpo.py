@@ -12,23 +12,18 @@ number of tokens (per-token means, as TRL and torchtune do).
 
 Efficiency: all responses of a batch go through the policy in one forward pass (collate_responses).
 By default the reference log-probs are computed once before training in a no-grad pass and cached on
-disk (align_cli/reference_cache.py), so no reference model is held in memory while training; with
-``dpo.reference_cache: false`` a live reference scores every batch instead. With LoRA the reference is
-the base model with the adapters disabled: no second copy.
+disk, so no reference model is held in memory while training; with ``dpo.reference_cache: false`` a
+live reference scores every batch instead. With LoRA the reference is the base model with the adapters
+disabled: no second copy. Building and scoring the reference: align_cli/reference.py.
 """
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
 
@@ -41,17 +36,12 @@ from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.forward import response_lengths, summed_logps
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
 from align_cli.memory import print_estimate
-from align_cli.models import ModelError, load_causal_lm, load_tokenizer, quantization_settings
-from align_cli.recipe import DPOSection, LoraSection, Recipe, RecipeError
-from align_cli.reference_cache import (
-    attach_reference_logps,
-    compute_logps,
-    model_identity,
-    response_lengths,
-    summed_logps,
-)
+from align_cli.models import load_causal_lm, load_tokenizer
+from align_cli.recipe import DPOSection, Recipe, RecipeError
+from align_cli.reference import LiveReference, cache_reference_logps, frozen_reference
 from align_cli.runs import last_output, write_summary
 
 PREFERENCE_KINDS = ("preference", "ranked")
@@ -153,26 +143,6 @@ def make_collate(pad_token_id: int):
     return collate
 
 
-def live_reference(accelerator: Accelerator, ref_model: torch.nn.Module | None) -> Reference:
-    """Score a batch with a frozen reference model, or (``ref_model`` None, LoRA) with the policy's base
-    model, adapters disabled."""
-
-    @torch.no_grad()
-    def reference(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        if ref_model is not None:
-            with accelerator.autocast():
-                return summed_logps(ref_model, batch)
-        base = accelerator.unwrap_model(model)
-        was_training = base.training
-        base.eval()  # no dropout in the reference
-        with base.disable_adapter(), accelerator.autocast():
-            values = summed_logps(base, batch)
-        base.train(was_training)
-        return values
-
-    return reference
-
-
 # ----------------------------------------------------------------------------- data and models
 
 
@@ -240,95 +210,6 @@ def resolve_policy(recipe: Recipe, console: Console) -> None:
     console.print(f"[bold]policy and reference[/]: {found} (the last `align sft` output)")
 
 
-def load_reference(recipe: Recipe, path: str, tokenizer: Any = None) -> torch.nn.Module:
-    section = replace(recipe.model, name_or_path=path, gradient_checkpointing=False, lora=LoraSection())
-    model = load_causal_lm(section, tokenizer)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def reference_cache_material(recipe: Recipe) -> dict[str, Any]:
-    """Everything the reference log-probs depend on except the examples (reference_key adds those).
-
-    The reference is ``dpo.reference_model`` or the policy's starting weights (under LoRA: the policy
-    with its adapters disabled); either way it is loaded from that path with the recipe's dtype and
-    quantization. Its identity hashes the bytes of its config and weights, and for a LoRA adapter
-    directory also those of the base model named in adapter_config.json; ``quantization`` holds the
-    bitsandbytes settings (4-bit NF4, double quantization, compute dtype; or 8-bit), {} when none."""
-    d, ref_path = recipe.data, recipe.dpo.reference_model or recipe.model.name_or_path
-    try:
-        identity = model_identity(ref_path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"reference model {ref_path!r}: cannot identify it for the cache: {exc}") from exc
-    return {
-        "reference": identity,
-        "quantization": quantization_settings(recipe.model),
-        "dtype": recipe.model.dtype,
-        "attn_implementation": recipe.model.attn_implementation,
-        "precision": recipe.training.precision,
-        "template": d.template,
-        "max_length": d.max_length,
-        "max_prompt_length": d.max_prompt_length,
-    }
-
-
-def cache_reference_logps(
-    recipe: Recipe,
-    model: torch.nn.Module,
-    accelerator: Accelerator,
-    tokenizer: Any,
-    sets: dict[str, list],
-    console: Console,
-) -> dict[str, Any]:
-    """Attach cached (or freshly computed, then cached) reference log-probs to every example of each
-    named set; returns {set name: {key, hit, path, seconds}}."""
-    cfg, ref_path = recipe.dpo, recipe.dpo.reference_model or recipe.model.name_or_path
-    material = reference_cache_material(recipe)
-    separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
-    holder: dict[str, torch.nn.Module] = {}
-
-    def compute(examples: list) -> list[list[float]]:
-        size = recipe.training.micro_batch_size * 2  # no activations kept: larger batches fit
-        if separate:
-            if "ref" not in holder:
-                holder["ref"] = load_reference(recipe, ref_path, tokenizer).to(accelerator.device)
-            scorer, context = holder["ref"], nullcontext()
-        else:  # the policy's starting weights are the reference (under LoRA: with the adapters off)
-            scorer = model.to(accelerator.device)
-            context = scorer.disable_adapter() if recipe.model.lora.enabled else nullcontext()
-        with context:
-            return compute_logps(
-                scorer, examples, tokenizer.pad_token_id, size, accelerator.device, accelerator.autocast
-            )
-
-    infos = {}
-    for name, examples in sets.items():
-        if not examples:
-            continue
-        started = time.perf_counter()
-        if not accelerator.is_main_process:  # the main process computes and writes; the others read
-            accelerator.wait_for_everyone()
-        info = attach_reference_logps(examples, material, lambda ex=examples: compute(ex))
-        if accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-        info["seconds"] = round(time.perf_counter() - started, 3)
-        outcome = "entry corrupt (see the warning above)" if info["corrupt"] else "miss"
-        what = (
-            "cache hit, reused"
-            if info["hit"]
-            else f"cache {outcome}, computed in {info['seconds']:.1f} s and saved to"
-        )
-        console.print(
-            f"[bold]reference log-probs[/] ({name}, {len(examples)} examples): {what} {info['path']}"
-        )
-        infos[name] = info
-    holder.clear()  # the reference model is not kept during training
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return infos
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -351,16 +232,13 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
         ref_info["cache"] = cache_reference_logps(recipe, model, accelerator, tokenizer, sets, console)
         ref_info["corrupt_entries_recomputed"] = sum(info["corrupt"] for info in ref_info["cache"].values())
     elif not cfg.reference_free:
-        ref_path = cfg.reference_model or recipe.model.name_or_path
-        separate = cfg.reference_model not in (None, "", recipe.model.name_or_path)
-        shared = recipe.model.lora.enabled and not separate  # the policy's base, adapters off
-        ref_model = None if shared else load_reference(recipe, ref_path, tokenizer)
+        ref_model = frozen_reference(recipe.model, cfg.reference_model, tokenizer)  # None: adapters off
         ref_info["mode"] = (
             "live (base model, adapters disabled)" if ref_model is None else "live (second model)"
         )
         if ref_model is not None:
             ref_model.to(accelerator.device)
-        reference = live_reference(accelerator, ref_model)
+        reference = LiveReference(accelerator, ref_model)
     console.print(f"[bold]reference[/]: {ref_info['mode']}")
 
     if not recipe.data.eval:

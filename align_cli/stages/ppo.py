@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
-from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
+from align_cli.data.tokenize import DataStats, tokenize_sft
 from align_cli.engine.checkpoint import (
     SaveSchedule,
     checkpoint_step,
@@ -69,20 +68,12 @@ from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table, read
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import open_run, save_final
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
+from align_cli.forward import per_token_by_bucket, token_logprobs, token_scores
 from align_cli.generation import SamplingParams, sample
-from align_cli.logprobs import head_logprobs
 from align_cli.memory import print_estimate
-from align_cli.models import (
-    count_parameters,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    per_token_by_bucket,
-    response_logprobs,
-    save_model,
-    score_head,
-)
-from align_cli.recipe import LoraSection, ModelSection, Recipe, RecipeError
+from align_cli.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from align_cli.recipe import ModelSection, Recipe, RecipeError
+from align_cli.reference import LiveReference, frozen_reference
 from align_cli.runs import (
     FINAL,
     after_final,
@@ -144,37 +135,24 @@ class ActorCritic(nn.Module):
         with_values: bool,
         temperature: float,
     ) -> tuple:
-        targets_mask = labels[:, 1:] != IGNORE_INDEX
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = targets_mask
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         hidden: list[torch.Tensor] = []
         hook = None
         if with_values and self.value_head is not None:  # the LM head sees exactly the kept hidden states
             hook = self.policy.get_output_embeddings().register_forward_hook(
                 lambda m, a, o: hidden.append(a[0])
             )
-        try:  # the LM head fused with log-softmax and gather, in chunks (align_cli/logprobs.py)
-            targets = labels[:, 1:][targets_mask]
-            with head_logprobs(self.policy, targets, with_entropy=True, temperature=temperature) as result:
-                self.policy(
-                    input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
-                )
+        try:
+            logps, entropy = token_logprobs(self.policy, batch, temperature, with_entropy=True)
         finally:
             if hook is not None:
                 hook.remove()
-        logps, entropy = result[-1]
         if not with_values:
             values = None
         elif self.value_head is not None:
             values = self.value_head(hidden[-1].to(self.value_head.weight.dtype)).squeeze(-1).float()
         else:
-            per_position: list[torch.Tensor] = []
-            hook = score_head(self.value_model).register_forward_hook(lambda m, a, o: per_position.append(o))
-            try:
-                self.value_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            finally:
-                hook.remove()
-            values = per_position[-1][..., 0][keep].float()
+            values = token_scores(self.value_model, batch)
         return logps, values, entropy
 
 
@@ -264,19 +242,9 @@ def reference_logprobs(
     its adapters disabled (its base weights are the SFT weights: no second copy in memory). Scored as the
     policy is: at the sampling temperature and under the same autocast, so the KL at identical weights
     is 0."""
-    batch = {**batch, "buckets": buckets}
-    acc, temperature = ctx["accelerator"], ctx["recipe"].ppo.temperature
-    if ctx["reference"] is not None:
-        with acc.autocast():
-            return response_logprobs(ctx["reference"], batch, temperature)[0]
-    with for_generation(acc, ctx["actor"]) as (unwrapped, _):
-        policy = unwrapped.policy
-        was_training = policy.training
-        policy.eval()
-        with policy.disable_adapter(), acc.autocast():
-            out = response_logprobs(policy, batch, temperature)[0]
-        policy.train(was_training)
-    return out
+    temperature = ctx["recipe"].ppo.temperature
+    live = LiveReference(ctx["accelerator"], ctx["reference"], temperature, lambda actor: actor.policy)
+    return live.token_logprobs(ctx["actor"], {**batch, "buckets": buckets})
 
 
 # ----------------------------------------------------------------------------- one update
@@ -475,12 +443,7 @@ def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) "
             f"count rollouts over all {world} processes and must be multiples of that number"
         )
-    reference = None  # under LoRA: the policy with its adapters disabled
-    if not recipe.model.lora.enabled:
-        # the policy's own loading settings (dtype, attention implementation, dropout), without its adapters
-        reference_section = replace(policy_section, lora=LoraSection(), gradient_checkpointing=False)
-        reference = load_causal_lm(reference_section, tokenizer).eval()
-        reference.requires_grad_(False)
+    reference = frozen_reference(policy_section, tokenizer=tokenizer)  # LoRA: None, the policy's base
     scorer_tokenizer = load_tokenizer(ModelSection(name_or_path=scorer_dir))
     scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tokenizer.pad_token_id).eval()
     scorer.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Reward model training (InstructGPT step 2, Llama 2 reward models) and scoring.
+"""Reward model training (InstructGPT step 2, Llama 2 reward models); ``align reward score`` is in
+align_cli/reward_score.py.
 
 The reward model is the (SFT) language model with its LM head replaced by a scalar head; r(x, y) is
 that head read at the final token of prompt + response. Every record is one prompt with K >= 2
@@ -15,9 +16,7 @@ once. m is the Llama 2 margin of a pair (its ``margin``, else the recipe's ``rew
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,21 @@ from rich.console import Console
 
 from align_cli.data.formats import DataError, Record, load_records
 from align_cli.data.mixture import load_mixture
-from align_cli.data.preference import collate_responses, encode_preference, tokenize_preferences
+from align_cli.data.preference import collate_responses, tokenize_preferences
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
-from align_cli.engine.metrics import print_table
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.forward import reward_scores
 from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
 from align_cli.memory import print_estimate
-from align_cli.models import ModelError, load_reward_model, load_tokenizer, reward_scores
-from align_cli.recipe import ModelSection, Recipe, RecipeError, RewardSection
+from align_cli.models import load_reward_model, load_tokenizer
+from align_cli.recipe import Recipe, RecipeError, RewardSection
 from align_cli.runs import last_output
 
 REWARD_KINDS = ("preference", "ranked")
-SCORE_KINDS = ("preference", "ranked", "prompt_completion", "messages")
 
 
 # ----------------------------------------------------------------------------- data
@@ -229,176 +227,6 @@ def run_reward(
     return finish_run(
         "reward", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console, plots
     )
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def _as_ranked(record: Record) -> Record:
-    """Any scorable record as one prompt with its responses in file order (scores never reorder)."""
-    f = record.fields
-    if record.kind == "preference":
-        return record
-    if record.kind == "ranked":
-        fields = {"prompt": f["prompt"], "responses": f["responses"]}
-    elif record.kind == "prompt_completion":
-        fields = {"prompt": f["prompt"], "responses": [f["completion"]]}
-    else:  # messages: the last assistant turn is the response, everything before it the prompt
-        fields = {"prompt": f["messages"][:-1], "responses": [[f["messages"][-1]]]}
-    return Record(record.source, record.line, "ranked", fields)
-
-
-def _with_rewards(record: Record, rewards: list[float] | None) -> dict[str, Any]:
-    out = dict(record.fields)
-    if record.kind == "preference":
-        out["reward_chosen"], out["reward_rejected"] = rewards if rewards else (None, None)
-    elif record.kind == "ranked":
-        out["rewards"] = rewards
-    else:
-        out["reward"] = rewards[0] if rewards else None
-    return out
-
-
-@torch.no_grad()
-def score_records(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    records: list[Record],
-    template: str = "auto",
-    max_length: int = 512,
-    max_prompt_length: int | None = None,
-    batch_size: int = 16,
-) -> list[list[float] | None]:
-    """r(x, y) of every response of every record, in file order (chosen then rejected for a pair);
-    None for a record that truncation left without response tokens."""
-    device = next(model.parameters()).device
-    encoded = [
-        encode_preference(_as_ranked(r), tokenizer, template, max_length, max_prompt_length)[0]
-        for r in records
-    ]
-    rewards: list[list[float] | None] = [None] * len(records)
-    todo = [i for i, e in enumerate(encoded) if e is not None]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        batch = collate_responses([encoded[i] for i in chunk], tokenizer.pad_token_id)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        scores = reward_scores(model, batch).tolist()
-        for i in chunk:
-            rewards[i] = []
-        for row, group in enumerate(batch["group"].tolist()):
-            rewards[chunk[group]].append(scores[row])
-    return rewards
-
-
-def _best_first(record: Record, rewards: list[float]) -> list[float]:
-    if record.kind == "ranked" and "scores" in record.fields:
-        return [rewards[i] for i in sorted(range(len(rewards)), key=lambda i: -record.fields["scores"][i])]
-    return rewards
-
-
-def _trained_settings(model_dir: Path) -> dict[str, Any]:
-    """The data settings a reward model was trained with (its run's recipe.yaml), if known."""
-    from align_cli.recipe import load_recipe
-
-    saved = model_dir.parent / "recipe.yaml"
-    try:
-        d = load_recipe(saved).data if saved.is_file() else None
-    except RecipeError:
-        d = None
-    return (
-        {}
-        if d is None
-        else {"template": d.template, "max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
-    )
-
-
-def _check_reward_model(model: str) -> None:
-    """Refuse a model without a trained scalar head (a plain LM would be scored by a random head)."""
-    from transformers import AutoConfig
-
-    adapter = Path(model) / "adapter_config.json"
-    if adapter.is_file():  # a LoRA run saves the adapter and its score head (peft modules_to_save)
-        kinds = [json.loads(adapter.read_text()).get("task_type")]
-    else:
-        try:
-            kinds = AutoConfig.from_pretrained(model).architectures or []
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"model {model!r}: could not load its config: {exc}") from exc
-    if not any(k and (k.endswith("ForSequenceClassification") or k == "SEQ_CLS") for k in kinds):
-        raise ModelError(
-            f"model {model!r} ({', '.join(map(str, kinds)) or 'unknown'}) has no trained reward head; "
-            "train one with `align reward`"
-        )
-
-
-def run_score(
-    model: str | None,
-    data: str,
-    out: Path | None,
-    template: str | None = None,
-    max_length: int | None = None,
-    batch_size: int = 16,
-    console: Console | None = None,
-) -> dict[str, Any]:
-    """``align reward score``: write every record of ``data`` with its reward(s) as JSONL to ``out``
-    (stdout when None) and print a summary (mean/std reward, pair accuracy)."""
-    console = console or Console(stderr=out is None)
-    if not model:
-        previous = last_output("reward")
-        if previous is None:
-            raise RecipeError("no reward model: pass --model, or train one with `align reward` first")
-        model = str(previous)
-    records = load_records(data, "auto", SCORE_KINDS)  # bad data fails before the model loads
-    _check_reward_model(model)
-    settings = _trained_settings(Path(model)) | {
-        k: v for k, v in {"template": template, "max_length": max_length}.items() if v is not None
-    }
-    section = ModelSection(name_or_path=model)
-    tokenizer = load_tokenizer(section)
-    rm = load_reward_model(section, tokenizer.pad_token_id).eval()
-    if torch.cuda.is_available():
-        rm = rm.cuda()
-    rewards = score_records(rm, tokenizer, records, batch_size=batch_size, **settings)
-    if all(r is None for r in rewards):
-        raise DataError(
-            f"{data}: none of the {len(records)} record(s) could be scored: truncation to "
-            f"{settings.get('max_length', 512)} tokens left no response tokens, or left the responses "
-            "identical; raise --max-length"
-        )
-    lines = "".join(
-        json.dumps(_with_rewards(rec, r), ensure_ascii=False) + "\n" for rec, r in zip(records, rewards)
-    )
-    if out is None:
-        sys.stdout.write(lines)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(lines)
-    summary = score_summary(records, rewards)
-    rows = [("model", model), ("data", data), ("written to", str(out) if out else "stdout"), *summary.items()]
-    print_table("align reward score", rows, console)
-    return summary
-
-
-def score_summary(records: list[Record], rewards: list[list[float] | None]) -> dict[str, Any]:
-    """Mean/std of all rewards; accuracy = per record, the share of its (better, worse) pairs that the
-    model orders the same way, averaged over records with 2+ responses (r_c > r_r for pairs)."""
-    flat, right, ranked = [], 0.0, 0
-    for record, values in zip(records, rewards):
-        if values is None:
-            continue
-        flat += values
-        if len(values) > 1:
-            values, pairs = _best_first(record, values), ranking_pairs(len(values))
-            right += sum(values[i] > values[j] for i, j in pairs) / len(pairs)
-            ranked += 1
-    mean = sum(flat) / max(len(flat), 1)
-    return {
-        "records": len(records),
-        "unscored": sum(r is None for r in rewards),
-        "reward_mean": mean,
-        "reward_std": math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat), 1)),
-        "accuracy": right / ranked if ranked else None,
-    }
 
 
 run = run_reward  # the registry's face (align_cli/stages/__init__.py)

@@ -25,8 +25,9 @@ from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.forward import response_logprobs
 from align_cli.memory import print_estimate
-from align_cli.models import load_causal_lm, load_tokenizer, response_logprobs
+from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import Recipe
 
 
