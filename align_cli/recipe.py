@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from align_cli.data.formats import KINDS
+from align_cli.losses import DPO_LOSS_TYPES, KL_ESTIMATORS
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message lists every problem found."""
@@ -84,9 +87,7 @@ class DataSection:
     columns: dict[str, str] = field(default_factory=dict)
     # role names in the source's messages -> align's (system, user, assistant, tool), e.g. {human: user}
     roles: dict[str, str] = field(default_factory=dict)
-    format: str = choices(
-        "auto", "alpaca", "prompt_completion", "messages", "text", "preference", "ranked", default="auto"
-    )
+    format: str = choices("auto", *KINDS, default="auto")  # align_cli.data.formats.KINDS
     # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
     template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
     # the chat template: a name (chatml, zephyr, llama2, builtin), a Jinja file or a Jinja string; overrides
@@ -166,13 +167,25 @@ class RewardSection:
 
 @dataclass
 class DPOSection:
-    beta: float = 0.1  # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5)
-    loss_type: str = choices("sigmoid", "ipo", "hinge", default="sigmoid")
+    # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5); null: the loss
+    # type's default (0.1; simpo 2.0; orpo has no beta)
+    beta: float | None = None
+    loss_type: str = choices(*DPO_LOSS_TYPES, default="sigmoid")  # align_cli.losses.PREFERENCE_LOSSES
     label_smoothing: float = 0.0  # conservative DPO: probability that a preference label is wrong
     reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
     # true: reference log-probs computed once before training and cached on disk (no reference model in
     # memory while training); false: a live reference model scores every batch
     reference_cache: bool = True
+    reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
+    simpo_gamma: float = 1.0  # SimPO's target reward margin gamma (paper: gamma / beta 0.5, beta 2)
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the chosen NLL (paper: 0.1)
+
+
+@dataclass
+class KTOSection:
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D; KTO paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+    undesirable_weight: float = 1.0  # lambda_U
     reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
 
 
@@ -214,7 +227,7 @@ class PPOSection:
     top_p: float = 1.0
     top_k: int = 0
     kl_coef: float = 0.05  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
-    kl_estimator: str = choices("k1", "k3", default="k1")
+    kl_estimator: str = choices(*KL_ESTIMATORS, default="k1")  # align_cli.losses.kl_penalty
     adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
     kl_target: float = 6.0
     kl_horizon: int = 10000
@@ -243,6 +256,7 @@ class Recipe:
     sft: SFTSection = field(default_factory=SFTSection)
     reward: RewardSection = field(default_factory=RewardSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    kto: KTOSection = field(default_factory=KTOSection)
     rejection: RejectionSection = field(default_factory=RejectionSection)
     ppo: PPOSection = field(default_factory=PPOSection)
 
@@ -546,6 +560,11 @@ def _number_rules(r: Recipe) -> list[tuple[str, Any, str]]:
         ("reward.center_coef", r.reward.center_coef, ">= 0"),
         ("dpo.beta", r.dpo.beta, "> 0"),
         ("dpo.label_smoothing", r.dpo.label_smoothing, "[0, 0.5)"),
+        ("dpo.simpo_gamma", r.dpo.simpo_gamma, ">= 0"),
+        ("dpo.orpo_lambda", r.dpo.orpo_lambda, ">= 0"),
+        ("kto.beta", r.kto.beta, "> 0"),
+        ("kto.desirable_weight", r.kto.desirable_weight, ">= 0"),
+        ("kto.undesirable_weight", r.kto.undesirable_weight, ">= 0"),
         ("rejection.max_prompts", j.max_prompts, "> 0"),
         ("rejection.n", j.n, "> 0"),
         ("rejection.max_new_tokens", j.max_new_tokens, "> 0"),
@@ -619,7 +638,25 @@ def _check_values(r: Recipe) -> list[str]:
             f"ppo.top_p={r.ppo.top_p}, ppo.top_k={r.ppo.top_k}: PPO's ratios and KL are computed on the full "
             "distribution at ppo.temperature, so rollouts must be sampled from it; use top_p 1.0 and top_k 0"
         )
+    errors += _preference_problems(r)
     sampled = r.stage == "ppo"  # PPO samples from the policy; elsewhere 0 means greedy
     note = " (PPO samples from the policy)" if sampled else ""
     errors += range_problems("ppo.temperature", r.ppo.temperature, "> 0" if sampled else ">= 0", note)
+    return errors
+
+
+def _preference_problems(r: Recipe) -> list[str]:
+    """Settings a DPO loss type or KTO would silently ignore."""
+    d, errors = r.dpo, []
+    if d.loss_type == "orpo" and d.beta is not None:
+        errors.append("dpo.beta: loss_type orpo has no beta (its odds-ratio weight is dpo.orpo_lambda)")
+    if d.label_smoothing and d.loss_type != "sigmoid":
+        errors.append(f"dpo.label_smoothing: for loss_type sigmoid (conservative DPO), not {d.loss_type}")
+    if d.loss_type in ("simpo", "orpo") and d.reference_model:
+        errors.append(f"dpo.reference_model: loss_type {d.loss_type} uses no reference model")
+    if r.stage == "kto" and r.training.micro_batch_size < 2:
+        errors.append(
+            "training.micro_batch_size: KTO estimates its KL baseline from mismatched pairs within a "
+            "micro-batch; use at least 2"
+        )
     return errors
