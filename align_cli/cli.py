@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 
 app = typer.Typer(
     name="align",
-    help="Align a language model: SFT, reward model, PPO, rejection sampling and DPO.\n\n"
+    help="Align a language model: SFT, reward model, PPO, rejection sampling, DPO and KTO.\n\n"
     "Every training command reads a YAML recipe (--recipe), which flags and --set key=value override.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -344,6 +344,7 @@ def reward_score(
     "  align dpo --recipe recipes/dpo-tiny.yaml --set dpo.beta=0.5 --set dpo.loss_type=ipo\n\n"
     "  align dpo -m runs/sft-tiny/final -d examples/data/ranked.jsonl      (Plackett-Luce rankings)\n\n"
     "  align dpo -r recipes/dpo-tiny.yaml --set dpo.reference_cache=false      (live reference model)\n\n"
+    "  align dpo -m BASE_MODEL -d examples/data/prefs.jsonl --set dpo.loss_type=orpo      (ORPO, no SFT)\n\n"
     "  align sft -m MODEL -d examples/data/prefs.jsonl      (Preferred-FT baseline: SFT on the chosen)",
 )
 def dpo(
@@ -358,12 +359,46 @@ def dpo(
     seed: SeedOpt = None,
     max_steps: MaxStepsOpt = None,
 ) -> None:
-    """Direct Preference Optimization (and cDPO, IPO, hinge, Plackett-Luce) on pairs or rankings."""
+    """Direct Preference Optimization and its family (cDPO, IPO, hinge, SimPO, ORPO, Plackett-Luce)."""
     from align_cli.stages.dpo import run_dpo
 
     _run_stage(
         "dpo",
         run_dpo,
+        recipe,
+        model,
+        data,
+        out,
+        set_,
+        _resume(resume, resume_from_previous, resume_with_changes),
+        seed,
+        max_steps,
+    )
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  align kto --data examples/data/unpaired.jsonl      (policy and reference: the last sft output)\n\n"
+    "  align kto --recipe recipes/kto-tiny.yaml --set kto.undesirable_weight=1.5",
+)
+def kto(
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    resume_from_previous: FromPreviousOpt = False,
+    resume_with_changes: WithChangesOpt = False,
+    seed: SeedOpt = None,
+    max_steps: MaxStepsOpt = None,
+) -> None:
+    """KTO on unpaired completions labelled desirable or undesirable (prompt, completion, label)."""
+    from align_cli.stages.kto import run_kto
+
+    _run_stage(
+        "kto",
+        run_kto,
         recipe,
         model,
         data,
@@ -654,7 +689,7 @@ def plan(
         parsed = load_recipe(recipe, {"model.name_or_path": model}, set_)
         if not parsed.stage:
             raise RecipeError(
-                f"recipe {recipe}: no `stage:`; add one (sft, reward, dpo, ppo, rejection-sample)"
+                f"recipe {recipe}: no `stage:`; add one (sft, reward, dpo, kto, ppo, rejection-sample)"
             )
         estimate = plan_recipe(parsed, processes, shard, device)
         t, name = parsed.training, parsed.model.name_or_path or "(chained)"

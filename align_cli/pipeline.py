@@ -69,6 +69,7 @@ STAGE_RUNNERS = {
     "sft": "align_cli.stages.sft:run_sft",
     "reward": "align_cli.stages.reward:run_reward",
     "dpo": "align_cli.stages.dpo:run_dpo",
+    "kto": "align_cli.stages.kto:run_kto",
     "ppo": "align_cli.stages.ppo:run_ppo",
     "rejection-sample": "align_cli.stages.rejection_sampling:run_rejection_sampling",
 }

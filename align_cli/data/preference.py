@@ -1,6 +1,7 @@
-"""Preference data (pairs and rankings) -> token ids, shared by the reward and DPO stages.
+"""Preference data (pairs and rankings) -> token ids, shared by the reward, DPO and KTO stages.
 
-Each record becomes one prompt and K >= 2 responses ordered best first (a pair is K = 2). The
+Each record becomes one prompt and K >= 2 responses ordered best first (a pair is K = 2); an unpaired
+record (KTO) becomes one prompt and its one completion, with the same rendering and length policy. The
 prompt/response boundary is decided while rendering, segment by segment. Length policy: the prompt
 keeps its end (its start is cut to ``max_prompt_length``), each response keeps its start (its end is
 cut to fit ``max_length``); records left with an empty response are dropped and counted.
@@ -31,8 +32,11 @@ def split_conversations(
 
 
 def ranked_responses(record: Record) -> tuple[Any, list[Any]]:
-    """(prompt, responses best first) of a preference or ranked record."""
+    """(prompt, responses best first) of a preference or ranked record; (prompt, [completion]) of an
+    unpaired one."""
     f = record.fields
+    if record.kind == "unpaired":
+        return f["prompt"], [f["completion"]]
     if record.kind == "preference":
         prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
         # full conversations beside a `prompt` field (UltraFeedback-binarized): the shared turns are the
