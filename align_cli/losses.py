@@ -2,8 +2,9 @@
 
 This module is the reference implementation of the objectives used by the stages of ``align_cli``:
 reward modelling (Bradley-Terry, InstructGPT K-way rankings, Llama 2 margins), the DPO family (DPO,
-conservative DPO, IPO, hinge/SLiC, Plackett-Luce) and PPO for RLHF (KL-shaped per-token rewards, GAE,
-clipped surrogate and value losses, adaptive KL coefficient).
+conservative DPO, IPO, hinge/SLiC, SimPO, ORPO, Plackett-Luce), KTO on unpaired data, and PPO for RLHF
+(score shaping, KL-shaped per-token rewards, GAE, clipped surrogate and value losses, adaptive KL
+coefficient).
 
 Every function takes tensors and plain numbers and returns tensors: no models, no config objects, no
 global state. Each docstring states the formula in the notation of the papers:
@@ -18,6 +19,11 @@ mask of each row is a contiguous run of ones from position 0 (responses are righ
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,14 +33,29 @@ __all__ = [
     "ranking_pairs",
     "pairwise_reward_loss",
     "reward_centering_loss",
+    "PreferenceParams",
+    "sigmoid_loss",
+    "ipo_loss",
+    "hinge_loss",
+    "simpo_loss",
+    "odds_ratio_loss",
+    "PreferenceLoss",
+    "PREFERENCE_LOSSES",
     "DPO_LOSS_TYPES",
+    "preference_loss_type",
+    "preference_beta",
+    "uses_reference",
+    "log_ratios",
+    "response_scores",
     "dpo_loss",
     "plackett_luce_dpo_loss",
+    "kto_loss",
     "masked_mean",
     "masked_var",
     "whiten",
     "KL_ESTIMATORS",
     "kl_penalty",
+    "shape_scores",
     "per_token_rewards",
     "gae",
     "ppo_policy_loss",
@@ -44,7 +65,6 @@ __all__ = [
     "AdaptiveKLController",
 ]
 
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3", "abs", "mse")
 
 
@@ -142,95 +162,191 @@ def reward_centering_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# DPO family
+# DPO family: pairwise losses as a table of functions of h
 # ---------------------------------------------------------------------------------------------------
+
+
+class PreferenceParams(NamedTuple):
+    """The numbers a pairwise preference loss may read; each variant reads its own."""
+
+    beta: float
+    label_smoothing: float = 0.0  # eps of conservative DPO ("sigmoid")
+    simpo_gamma: float = 0.0  # SimPO's target reward margin gamma
+
+
+def sigmoid_loss(h: Tensor, p: PreferenceParams) -> Tensor:
+    """DPO (Rafailov et al. 2023) and conservative DPO: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+
+    eps = ``label_smoothing``: eps = 0 is DPO, -log sigma(beta h); eps > 0 assumes the labels are flipped
+    with probability eps."""
+    eps = p.label_smoothing
+    return -(1.0 - eps) * F.logsigmoid(p.beta * h) - eps * F.logsigmoid(-p.beta * h)
+
+
+def ipo_loss(h: Tensor, p: PreferenceParams) -> Tensor:
+    """IPO (Azar et al. 2023): (h - 1/(2 beta))^2, h on per-token mean log-ratios."""
+    return (h - 1.0 / (2.0 * p.beta)) ** 2
+
+
+def hinge_loss(h: Tensor, p: PreferenceParams) -> Tensor:
+    """SLiC hinge (Zhao et al. 2023): max(0, 1 - beta h)."""
+    return torch.relu(1.0 - p.beta * h)
+
+
+def simpo_loss(h: Tensor, p: PreferenceParams) -> Tensor:
+    """SimPO (Meng et al. 2024): -log sigma(beta h - gamma), h = log pi(y_w|x)/|y_w| - log pi(y_l|x)/|y_l|
+    (reference-free, per-token mean log-probs), gamma the target reward margin."""
+    return -F.logsigmoid(p.beta * h - p.simpo_gamma)
+
+
+def odds_ratio_loss(h: Tensor, p: PreferenceParams) -> Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024): L_OR = -log sigma(h), h = log odds(y_w) - log odds(y_l)
+    (no beta; ``dpo_loss`` adds the NLL of the chosen responses and weighs L_OR by lambda)."""
+    return -F.logsigmoid(h)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One pairwise variant: its loss as a function of h = s(y_w) - s(y_l), and how s(y) is read from the
+    summed log-probs (``response_scores``)."""
+
+    loss: Callable[[Tensor, PreferenceParams], Tensor]
+    score: str  # "sum": log-ratio; "mean": per-token log-ratio; "log_odds": ORPO's log odds of P(y|x)
+    reference: bool  # reads log pi_ref; False: no reference model at all (log pi_ref taken as 0)
+    default_beta: float | None  # beta when the recipe gives none; None: the variant has no beta
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(sigmoid_loss, "sum", reference=True, default_beta=0.1),
+    "ipo": PreferenceLoss(ipo_loss, "mean", reference=True, default_beta=0.1),
+    "hinge": PreferenceLoss(hinge_loss, "sum", reference=True, default_beta=0.1),
+    "simpo": PreferenceLoss(simpo_loss, "mean", reference=False, default_beta=2.0),
+    "orpo": PreferenceLoss(odds_ratio_loss, "log_odds", reference=False, default_beta=None),
+}
+# the values of dpo.loss_type (recipe.py reads them from here)
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(PREFERENCE_LOSSES)
+
+
+def preference_loss_type(loss_type: str) -> PreferenceLoss:
+    """The table entry of ``loss_type``. Raises ValueError naming the known ones."""
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    return PREFERENCE_LOSSES[loss_type]
+
+
+def preference_beta(loss_type: str, beta: float | None) -> float | None:
+    """The beta a run uses: the given one, else the variant's default (0.1; SimPO 2.0; ORPO: none)."""
+    return beta if beta is not None else preference_loss_type(loss_type).default_beta
+
+
+def uses_reference(loss_type: str, reference_free: bool = False) -> bool:
+    """Whether the loss reads log pi_ref (else no reference model is loaded and nothing is cached)."""
+    return preference_loss_type(loss_type).reference and not reference_free
+
+
+def log_ratios(policy_logps: Tensor, ref_logps: Tensor | None) -> Tensor:
+    """log pi(y|x) - log pi_ref(y|x); ``ref_logps`` None (reference-free): log pi_ref is taken as 0.
+
+    The one place where reference-free losses drop the reference."""
+    return policy_logps if ref_logps is None else policy_logps - ref_logps
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def response_scores(
+    policy_logps: Tensor, ref_logps: Tensor | None, lengths: Tensor | None, score: str
+) -> Tensor:
+    """s(y) of each response, from log-probs summed over its |y| response tokens:
+
+        "sum":       log pi(y|x) - log pi_ref(y|x)
+        "mean":      (log pi(y|x) - log pi_ref(y|x)) / |y|
+        "log_odds":  log(P / (1 - P)) = m - log(1 - exp(m)),   m = log pi(y|x) / |y|, P = exp(m)   (ORPO)
+
+    ``ref_logps`` None: log pi_ref = 0 (ORPO never reads it). ORPO's m is capped just below 0 (P < 1): a
+    response predicted with certainty has infinite odds."""
+    if score == "sum":
+        return log_ratios(policy_logps, ref_logps)
+    if lengths is None:
+        raise ValueError(f"per-token scores ({score!r}) need the responses' lengths (token counts)")
+    if score == "mean":
+        return log_ratios(policy_logps, ref_logps) / lengths
+    m = (policy_logps / lengths).clamp(max=-torch.finfo(policy_logps.dtype).eps)
+    return m - _log1mexp(m)
 
 
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    beta: float | None,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    simpo_gamma: float = 0.0,
+    orpo_lambda: float = 0.1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Direct Preference Optimization loss (Rafailov et al. 2023) and its variants, per pair.
+    """The pairwise DPO family (``PREFERENCE_LOSSES``), per pair.
 
-    Inputs are log pi(y|x) summed over the response tokens, shape [B], and (needed by IPO) the number
-    of response tokens |y_w|, |y_l| of each pair, shape [B]. With
+    Inputs are log pi(y|x) summed over the response tokens, shape [B], and (for the per-token variants)
+    the number of response tokens |y_w|, |y_l| of each pair, shape [B]. Each variant reads a score s(y)
+    of every response (``response_scores``) and is a function of
 
-        h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+        h = s(y_w) - s(y_l)
 
-    (``reference_free``: the log pi_ref terms are taken as 0), the losses are
+    With ``reference_free`` (and for SimPO and ORPO, which have no reference) log pi_ref is taken as 0.
 
-        "sigmoid":  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-                    eps = label_smoothing; eps = 0 is DPO, -log sigma(beta h); eps > 0 is
-                    conservative DPO (labels flipped with probability eps).
-        "ipo":      (h_bar - 1/(2 beta))^2                               (IPO, Azar et al. 2023)
-                    h_bar = (log pi(y_w|x) - log pi_ref(y_w|x)) / |y_w|
-                            - (log pi(y_l|x) - log pi_ref(y_l|x)) / |y_l|
-        "hinge":    max(0, 1 - beta h)                                   (SLiC hinge, Zhao et al. 2023)
+        "sigmoid":  s = log pi - log pi_ref;   -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+                    (eps = label_smoothing: 0 is DPO, > 0 conservative DPO)
+        "ipo":      s = (log pi - log pi_ref) / |y|;   (h - 1/(2 beta))^2              (Azar et al. 2023)
+        "hinge":    s = log pi - log pi_ref;   max(0, 1 - beta h)                  (SLiC, Zhao et al. 2023)
+        "simpo":    s = log pi / |y|;   -log sigma(beta h - gamma)                  (Meng et al. 2024)
+        "orpo":     s = log odds P(y|x), P = exp(log pi / |y|);                     (Hong et al. 2024)
+                    L_SFT(y_w) + lambda * -log sigma(h)
 
-    IPO uses per-token mean log-probs: every log-prob, policy and reference, is divided by its
-    response's number of tokens, as the IPO authors recommend and as TRL (``loss_type="ipo"``) and
-    torchtune do. This supersedes the summed form (h - 1/(2 beta))^2 of ALGORITHMS.md (with summed
-    log-probs h grows with the responses' length while the target 1/(2 beta) does not). Sigmoid and
-    hinge keep the sums (the lengths are then unused).
+    IPO uses per-token means as its authors recommend and as TRL and torchtune do (this supersedes the
+    summed form of ALGORITHMS.md: with sums h grows with the responses' length, the target 1/(2 beta)
+    does not). ORPO's L_SFT is the NLL of the chosen tokens averaged over the batch's chosen tokens, as
+    the SFT loss: pair i carries -log pi(y_w,i|x_i) * B / sum_j |y_w,j|, so the mean over the B pairs is
 
-    Implicit reward: r_hat(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) (for IPO on the same per-token
-    means as its loss). The DPO gradient is
+        L_ORPO = sum_i -log pi(y_w,i|x_i) / sum_i |y_w,i|  +  lambda * mean_i L_OR,i
 
-        grad loss = -beta * sigma(r_hat(x, y_l) - r_hat(x, y_w)) * (grad log pi(y_w|x) - grad log pi(y_l|x))
-
-    so pairs that the implicit reward orders wrongly get more weight.
+    Implicit reward (logged): r_hat(x, y) = beta * s(y) (ORPO, which has no beta: s(y)). The DPO
+    gradient is -beta * sigma(r_hat(y_l) - r_hat(y_w)) * (grad log pi(y_w) - grad log pi(y_l)): pairs the
+    implicit reward orders wrongly get more weight.
 
     Returns:
-        (losses [B], chosen implicit rewards [B], rejected implicit rewards [B]); the implicit rewards
-        are detached (for logging: reward accuracy, margins).
+        (losses [B], chosen implicit rewards [B], rejected implicit rewards [B]); rewards detached.
 
     Raises:
-        ValueError: for an unknown ``loss_type``, or IPO without the response lengths.
+        ValueError: for an unknown ``loss_type``, or a per-token variant without the response lengths.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
-
-    if loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("DPO loss_type 'ipo' needs chosen_lengths and rejected_lengths (token counts)")
-        policy_chosen_logps = policy_chosen_logps / chosen_lengths
-        policy_rejected_logps = policy_rejected_logps / rejected_lengths
-        if not reference_free:
-            ref_chosen_logps = ref_chosen_logps / chosen_lengths
-            ref_rejected_logps = ref_rejected_logps / rejected_lengths
-
-    if reference_free:
-        chosen_logratios = policy_chosen_logps
-        rejected_logratios = policy_rejected_logps
-    else:
-        chosen_logratios = policy_chosen_logps - ref_chosen_logps
-        rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
-
-    if loss_type == "sigmoid":
-        eps = label_smoothing
-        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:  # "hinge"
-        losses = torch.relu(1.0 - beta * h)
-
-    chosen_rewards = (beta * chosen_logratios).detach()
-    rejected_rewards = (beta * rejected_logratios).detach()
-    return losses, chosen_rewards, rejected_rewards
+    variant = preference_loss_type(loss_type)
+    if variant.score != "sum" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(
+            f"DPO loss_type {loss_type!r} needs chosen_lengths and rejected_lengths (token counts)"
+        )
+    if reference_free or not variant.reference:
+        ref_chosen_logps = ref_rejected_logps = None
+    chosen = response_scores(policy_chosen_logps, ref_chosen_logps, chosen_lengths, variant.score)
+    rejected = response_scores(policy_rejected_logps, ref_rejected_logps, rejected_lengths, variant.score)
+    beta = preference_beta(loss_type, beta)
+    params = PreferenceParams(beta if beta is not None else 1.0, label_smoothing, simpo_gamma)
+    losses = variant.loss(chosen - rejected, params)
+    if loss_type == "orpo":  # + the chosen tokens' NLL, averaged over the batch's chosen tokens
+        share = policy_chosen_logps.shape[0] / chosen_lengths.sum()
+        losses = -policy_chosen_logps * share + orpo_lambda * losses
+    return losses, (params.beta * chosen).detach(), (params.beta * rejected).detach()
 
 
 def plackett_luce_dpo_loss(
     policy_logps: Tensor,
-    ref_logps: Tensor,
+    ref_logps: Tensor | None,
     beta: float,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -246,7 +362,7 @@ def plackett_luce_dpo_loss(
 
     Args:
         policy_logps: log pi(y|x) summed over response tokens, shape [B, K], best response first.
-        ref_logps: log pi_ref(y|x), shape [B, K].
+        ref_logps: log pi_ref(y|x), shape [B, K]; None: reference-free (log pi_ref = 0).
         beta: the KL coefficient beta.
         mask: [B, K] bool, True for real responses; records with fewer responses are padded at the end.
             None means all entries are real.
@@ -254,7 +370,7 @@ def plackett_luce_dpo_loss(
     Returns:
         (losses [B], implicit rewards r_hat [B, K] detached, zero at padded entries).
     """
-    r_hat = beta * (policy_logps - ref_logps)
+    r_hat = beta * log_ratios(policy_logps, ref_logps)
     if mask is None:
         mask = torch.ones_like(r_hat, dtype=torch.bool)
     else:
@@ -269,6 +385,54 @@ def plackett_luce_dpo_loss(
     losses = -log_terms.sum(dim=-1)
     rewards = torch.where(mask, r_hat, torch.zeros_like(r_hat)).detach()
     return losses, rewards
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO: unpaired desirable / undesirable completions
+# ---------------------------------------------------------------------------------------------------
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    policy_kl_logps: Tensor,
+    ref_kl_logps: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024), per completion, as TRL computes it.
+
+        r(x, y) = log pi(y|x) - log pi_ref(y|x)                       (summed over completion tokens)
+        z_ref   = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)])     (no gradient)
+        desirable y:    lambda_D * (1 - sigma(beta * (r(x, y) - z_ref)))
+        undesirable y:  lambda_U * (1 - sigma(beta * (z_ref - r(x, y))))
+
+    z_ref estimates KL(pi || pi_ref) from mismatched pairs: completion y'_j of another example of the
+    batch after prompt x_j (the batch's own completions, each after another prompt). It is a baseline,
+    not optimised: detached, and clamped at 0 like the KL it estimates. An empty mismatched set gives
+    z_ref = 0.
+
+    Args:
+        policy_logps, ref_logps: log pi(y|x), log pi_ref(y|x) of each completion, shape [B].
+        desirable: [B] bool, True for a desirable completion (label true).
+        policy_kl_logps, ref_kl_logps: the same for the mismatched pairs, shape [M].
+        beta: beta; desirable_weight, undesirable_weight: lambda_D, lambda_U.
+
+    Returns:
+        (losses [B], implicit rewards beta * r [B] detached, z_ref (a scalar)).
+    """
+    if policy_kl_logps.numel():
+        z_ref = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    else:
+        z_ref = policy_logps.new_zeros(())
+    r = policy_logps - ref_logps
+    desirable = desirable.to(torch.bool)
+    gain = desirable_weight * (1.0 - torch.sigmoid(beta * (r - z_ref)))
+    loss = undesirable_weight * (1.0 - torch.sigmoid(beta * (z_ref - r)))
+    losses = torch.where(desirable, gain, loss)
+    return losses, (beta * r).detach(), z_ref
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,6 +515,39 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     if estimator == "abs":
         return log_ratio.abs()
     return 0.5 * log_ratio**2  # "mse"
+
+
+def shape_scores(
+    scores: Tensor,
+    finished: Tensor,
+    missing_eos_penalty: float | None = None,
+    clip: float | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    """The reward-model scores r(x, y) of a PPO rollout batch, shaped before the KL penalty, in order:
+
+        r <- r - p            for responses that did not finish (no EOS), p = ``missing_eos_penalty``
+        r <- clip(r, -c, c)   c = ``clip``
+        r <- (r - mean(r)) / (std(r) + 1e-8)     with ``normalize``, over the batch (unbiased std; a
+                                                 batch of one is left as it is)
+
+    Each step is skipped when its setting is None / False.
+
+    Args:
+        scores: r(x, y), shape [B].
+        finished: [B] bool, True for responses that ended with EOS.
+
+    Returns:
+        The shaped scores, shape [B] (a new tensor).
+    """
+    shaped = scores.clone()
+    if missing_eos_penalty is not None:
+        shaped = torch.where(finished.to(torch.bool), shaped, shaped - missing_eos_penalty)
+    if clip is not None:
+        shaped = shaped.clamp(-clip, clip)
+    if normalize and shaped.numel() > 1:
+        shaped = (shaped - shaped.mean()) / (shaped.std() + 1e-8)
+    return shaped
 
 
 def _last_token_index(mask: Tensor) -> tuple[Tensor, Tensor]:

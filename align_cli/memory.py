@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from align_cli.logprobs import chunk_rows
+from align_cli.losses import uses_reference
 from align_cli.recipe import LoraSection, Recipe
 
 GIB = 2**30
@@ -322,10 +323,10 @@ def plan(
         return estimate(recipe, trained, frozen, processes, shard, bits, config, device=device)
     policy: nn.Module = meta_model(config, recipe, lora=lora)
     value_config = None
-    if stage == "dpo":
-        d = recipe.dpo
+    if stage in ("dpo", "kto"):  # KTO's reference is always live
+        d = recipe.dpo if stage == "dpo" else recipe.kto
         separate = d.reference_model not in (None, "", m.name_or_path)
-        live = not d.reference_free and not d.reference_cache
+        live = stage == "kto" or (uses_reference(d.loss_type, d.reference_free) and not d.reference_cache)
         if live and (separate or not m.lora.enabled):
             frozen["reference"] = meta_model(config, replace(recipe, model=replace(m, lora=LoraSection())))
     if stage == "ppo":

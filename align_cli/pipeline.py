@@ -26,6 +26,7 @@ from rich.table import Table
 from align_cli.engine.metrics import fmt
 from align_cli.recipe import RecipeError, _build, load_recipe
 from align_cli.runs import can_resume, is_complete_model
+from align_cli.stages import STAGES
 
 
 @dataclass
@@ -65,14 +66,6 @@ class PipelineRecipe:
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
-STAGE_RUNNERS = {
-    "sft": "align_cli.stages.sft:run_sft",
-    "reward": "align_cli.stages.reward:run_reward",
-    "dpo": "align_cli.stages.dpo:run_dpo",
-    "ppo": "align_cli.stages.ppo:run_ppo",
-    "rejection-sample": "align_cli.stages.rejection_sampling:run_rejection_sampling",
-}
-
 
 def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRecipe:
     from align_cli.recipe import _apply, parse_override, range_problems, read_yaml_mapping
@@ -86,8 +79,8 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
     recipe = _build(PipelineRecipe, tree, "", errors)
     names = set()
     for i, entry in enumerate(recipe.stages):
-        if entry.stage not in STAGE_RUNNERS:
-            errors.append(f"stages[{i}].stage: {entry.stage!r} is not one of {', '.join(STAGE_RUNNERS)}")
+        if entry.stage not in STAGES:
+            errors.append(f"stages[{i}].stage: {entry.stage!r} is not one of {', '.join(STAGES)}")
         if problem := name_problem(entry.name):
             errors.append(f"stages[{i}].name: {problem}")
         if entry.name in names:
@@ -175,7 +168,6 @@ def _final_of(run_dir: Path) -> Path | None:
 
 def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     """Run every stage in order (skipping finished ones); return run name -> final model directory."""
-    import importlib
 
     root = Path(recipe.output)
     root.mkdir(parents=True, exist_ok=True)
@@ -196,8 +188,7 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
         )
         console.rule(f"pipeline: {name} ({entry.stage})")
         resume = can_resume(run_dir, entry.stage)  # interrupted: continue it (else it starts afresh)
-        module, function = STAGE_RUNNERS[entry.stage].split(":")
-        getattr(importlib.import_module(module), function)(stage_recipe, resume=resume, console=console)
+        STAGES[entry.stage].load().run(stage_recipe, resume=resume, console=console)
         final = _final_of(run_dir)
         if final is None:
             raise RecipeError(f"pipeline: stage {name} finished without a final model in {run_dir}")

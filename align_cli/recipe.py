@@ -24,6 +24,7 @@ from align_cli.sections import (
     LLAMA2_SMALL_MARGINS,
     DataSection,
     DPOSection,
+    KTOSection,
     LoraSection,
     ModelSection,
     OutputSection,
@@ -46,6 +47,7 @@ __all__ = [  # the schema's names, imported from here throughout
     "LLAMA2_SMALL_MARGINS",
     "DataSection",
     "DPOSection",
+    "KTOSection",
     "LoraSection",
     "ModelSection",
     "OutputSection",
@@ -402,6 +404,11 @@ def _check_values(r: Recipe) -> list[str]:
         errors.append(
             "model.load_in_4bit/load_in_8bit: quantized base weights cannot be trained; set "
             "model.lora.enabled=true (QLoRA)"
+        )
+    if r.stage == "kto" and r.training.micro_batch_size < 2:
+        errors.append(
+            "training.micro_batch_size: KTO estimates its KL baseline from mismatched pairs within a "
+            "micro-batch; use at least 2"
         )
     if stage and "data.eval" in stage.unread and isinstance(d.train, list):
         errors.append("data.train: a mixture of sources is for training data; prompts come from one source")

@@ -204,3 +204,16 @@ def cache_reference_logps(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return infos
+
+
+def open_live_reference(
+    policy: ModelSection, path: str | None, accelerator: Accelerator, tokenizer: Any
+) -> tuple[LiveReference, nn.Module | None, str]:
+    """(scorer, frozen model or None, mode) of a live reference for an offline preference stage (DPO,
+    KTO): ``path`` loaded frozen, or by default the policy's starting weights: a second copy, or under
+    LoRA the policy itself with its adapters disabled (no copy)."""
+    model = frozen_reference(policy, path, tokenizer)
+    if model is not None:
+        model.to(accelerator.device)
+    mode = "live (base model, adapters disabled)" if model is None else "live (second model)"
+    return LiveReference(accelerator, model), model, mode

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from align_cli.data.formats import KINDS
+
 
 def choices(*allowed: str, default: Any) -> Any:
     """A dataclass field restricted to ``allowed`` values."""
@@ -87,9 +89,7 @@ class DataSection:
     columns: dict[str, str] = field(default_factory=dict)
     # role names in the source's messages -> align's (system, user, assistant, tool), e.g. {human: user}
     roles: dict[str, str] = field(default_factory=dict)
-    format: str = choices(
-        "auto", "alpaca", "prompt_completion", "messages", "text", "preference", "ranked", default="auto"
-    )
+    format: str = choices("auto", *KINDS, default="auto")  # align_cli.data.formats.KINDS
     # auto: Alpaca for instruction records, plain concatenation for prompt/completion, chat for messages
     template: str = choices("auto", "alpaca", "chat", "plain", default="auto")
     # the chat template: a name (chatml, zephyr, llama2, builtin), a Jinja file or a Jinja string; overrides
@@ -191,19 +191,48 @@ class RewardSection:
     head: str = choices("normal", "zeros", default="normal")
 
 
+# dpo.loss_type: the keys of losses.PREFERENCE_LOSSES (named here so a recipe is checked without torch;
+# tests/test_registry.py holds the two equal)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+KL_ESTIMATORS = ("k1", "k3", "abs", "mse")  # losses.kl_penalty's estimators
+
+
 @dataclass
 class DPOSection:
-    beta: float = number(
-        "> 0", 0.1
-    )  # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5)
-    loss_type: str = choices("sigmoid", "ipo", "hinge", default="sigmoid")
-    label_smoothing: float = number(
-        "[0, 0.5)", 0.0
-    )  # conservative DPO: probability that a preference label is wrong
+    # strength of the implicit KL constraint to the reference (paper: 0.1; TL;DR 0.5); null: the loss
+    # type's default (0.1; simpo 2.0; orpo has no beta)
+    beta: float | None = number("> 0", None)
+    loss_type: str = choices(*DPO_LOSS_TYPES, default="sigmoid")
+    # conservative DPO: probability that a preference label is wrong
+    label_smoothing: float = number("[0, 0.5)", 0.0)
     reference_free: bool = False  # take log pi_ref = 0 (no reference model at all)
     # true: reference log-probs computed once before training and cached on disk (no reference model in
     # memory while training); false: a live reference model scores every batch
     reference_cache: bool = True
+    reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
+    simpo_gamma: float = number(">= 0", 1.0)  # SimPO's target reward margin gamma (paper: gamma/beta 0.5)
+    orpo_lambda: float = number(">= 0", 0.1)  # ORPO: weight of the odds-ratio term beside the chosen NLL
+
+    def check(self) -> list[str]:
+        """Settings a loss type would silently ignore."""
+        problems = []
+        if self.loss_type == "orpo" and self.beta is not None:
+            problems.append("dpo.beta: loss_type orpo has no beta (its odds-ratio weight is dpo.orpo_lambda)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            problems.append(
+                f"dpo.label_smoothing: for loss_type sigmoid (conservative DPO), not {self.loss_type}"
+            )
+        if self.loss_type in ("simpo", "orpo") and self.reference_model:
+            problems.append(f"dpo.reference_model: loss_type {self.loss_type} uses no reference model")
+        return problems
+
+
+@dataclass
+class KTOSection:
+    beta: float = number("> 0", 0.1)
+    # lambda_D; KTO paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+    desirable_weight: float = number(">= 0", 1.0)
+    undesirable_weight: float = number(">= 0", 1.0)  # lambda_U
     reference_model: str | None = None  # default: the policy's starting weights (pi_ref = pi_SFT)
 
 
@@ -245,7 +274,7 @@ class PPOSection:
     top_p: float = number("(0, 1]", 1.0)
     top_k: int = number(">= 0", 0)
     kl_coef: float = number(">= 0", 0.05)  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
-    kl_estimator: str = choices("k1", "k3", default="k1")
+    kl_estimator: str = choices(*KL_ESTIMATORS, default="k1")
     adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
     kl_target: float = number("> 0", 6.0)
     kl_horizon: int = number("> 0", 10000)
@@ -257,9 +286,8 @@ class PPOSection:
     whiten_advantages: bool = True
     score_norm: bool = False  # standardise scores within each rollout batch
     score_clip: float | None = number("> 0", None)  # clip scores to [-c, c]
-    missing_eos_penalty: float | None = number(
-        "finite", None
-    )  # subtracted from the score of responses without EOS
+    # subtracted from the score of responses without EOS
+    missing_eos_penalty: float | None = number("finite", None)
     ptx_data: str | None = None  # PPO-ptx: SFT/pretraining JSONL mixed into every update
     ptx_coef: float = number(">= 0", 0.0)  # gamma of PPO-ptx (InstructGPT 27.8, on per-token mean NLL)
     ptx_batch_size: int = number("> 0", 8)

@@ -12,22 +12,35 @@ import pytest
 import torch
 
 from align_cli.losses import (
+    DPO_LOSS_TYPES,
+    PREFERENCE_LOSSES,
     AdaptiveKLController,
     FixedKLController,
+    PreferenceParams,
     bradley_terry_loss,
     dpo_loss,
     entropy_from_logits,
     gae,
+    hinge_loss,
+    ipo_loss,
     kl_penalty,
+    kto_loss,
     masked_mean,
     masked_var,
+    odds_ratio_loss,
     pairwise_reward_loss,
     per_token_rewards,
     plackett_luce_dpo_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    preference_beta,
     ranking_pairs,
+    response_scores,
     reward_centering_loss,
+    shape_scores,
+    sigmoid_loss,
+    simpo_loss,
+    uses_reference,
     whiten,
 )
 
@@ -340,6 +353,118 @@ def test_plackett_luce_mixed_k_with_mask():
     assert_close(policy.grad[1, 0], -beta * sigmoid(1.0))
 
 
+def test_the_table_of_preference_losses_by_hand():
+    """Each entry of PREFERENCE_LOSSES is a function of h alone; dpo_loss dispatches on the table."""
+    assert DPO_LOSS_TYPES == tuple(PREFERENCE_LOSSES) == ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+    h = T([3.0, -3.0])
+    p = PreferenceParams(beta=0.1, label_smoothing=0.1, simpo_gamma=0.5)
+    assert_close(sigmoid_loss(h, PreferenceParams(0.1)), [neg_log_sigmoid(0.3), neg_log_sigmoid(-0.3)])
+    assert_close(
+        sigmoid_loss(h, p),
+        [0.9 * neg_log_sigmoid(0.3) + 0.1 * neg_log_sigmoid(-0.3),
+         0.9 * neg_log_sigmoid(-0.3) + 0.1 * neg_log_sigmoid(0.3)],
+    )  # fmt: skip
+    assert_close(ipo_loss(h, p), [(3.0 - 5.0) ** 2, (-3.0 - 5.0) ** 2])
+    assert_close(hinge_loss(h, p), [0.7, 1.3])
+    assert_close(simpo_loss(h, p), [neg_log_sigmoid(0.3 - 0.5), neg_log_sigmoid(-0.3 - 0.5)])
+    assert_close(odds_ratio_loss(h, p), [neg_log_sigmoid(3.0), neg_log_sigmoid(-3.0)])  # no beta
+    assert [v.reference for v in PREFERENCE_LOSSES.values()] == [True, True, True, False, False]
+    assert preference_beta("sigmoid", None) == 0.1 and preference_beta("simpo", None) == 2.0
+    assert preference_beta("orpo", None) is None and preference_beta("simpo", 2.5) == 2.5
+    assert uses_reference("sigmoid") and not uses_reference("sigmoid", reference_free=True)
+    assert not uses_reference("simpo") and not uses_reference("orpo")
+
+
+def test_simpo_by_hand():
+    """SimPO: reference-free, per-token mean log-probs, -log sigma(beta h - gamma)."""
+    # per-token: chosen -10/2 = -5, -20/4 = -5; rejected -12/4 = -3, -18/5 = -3.6; h = -2, -1.4
+    lengths = dict(chosen_lengths=T(LC), rejected_lengths=T(LR))
+    losses, chosen, rejected = _dpo(loss_type="simpo", beta=2.0, simpo_gamma=1.0, **lengths)
+    assert_close(losses, [neg_log_sigmoid(2.0 * -2.0 - 1.0), neg_log_sigmoid(2.0 * -1.4 - 1.0)])
+    assert_close(chosen, [2.0 * -5.0, 2.0 * -5.0])  # r_hat = beta * log pi(y|x) / |y|
+    assert_close(rejected, [2.0 * -3.0, 2.0 * -3.6])
+    # the reference log-probs are never read; beta defaults to 2
+    other_ref, _, _ = dpo_loss(T(PC), T(PR), T([0.0, 0.0]), None, None, "simpo", simpo_gamma=1.0, **lengths)
+    assert_close(other_ref, losses)
+    with pytest.raises(ValueError, match="simpo.*lengths"):
+        _dpo(loss_type="simpo")
+
+
+def log_odds(mean_logp: float) -> float:
+    """log(P / (1 - P)) with P = exp(mean log-prob), from the definition."""
+    prob = math.exp(mean_logp)
+    return math.log(prob / (1.0 - prob))
+
+
+def test_orpo_by_hand():
+    """ORPO: the chosen tokens' NLL averaged over the batch's chosen tokens + lambda * -log sigma(h), h the
+    difference of the log odds of the per-token mean probabilities; no reference."""
+    pc, pr, lc, lr = [-1.0, -3.0], [-4.0, -1.0], [2.0, 3.0], [2.0, 4.0]
+    # per-token means: chosen -0.5, -1.0; rejected -2.0, -0.25
+    h = [log_odds(-0.5) - log_odds(-2.0), log_odds(-1.0) - log_odds(-0.25)]
+    odds_ratio = [neg_log_sigmoid(h[0]), neg_log_sigmoid(h[1])]
+    nll = [1.0 * 2 / 5, 3.0 * 2 / 5]  # -log pi(y_w|x) * B / sum |y_w|: B = 2 pairs, 5 chosen tokens
+    policy_c = T(pc).requires_grad_(True)
+    losses, chosen, rejected = dpo_loss(
+        policy_c, T(pr), T(RC), T(RR), None, "orpo", chosen_lengths=T(lc), rejected_lengths=T(lr),
+        orpo_lambda=0.2,
+    )  # fmt: skip
+    assert_close(losses, [nll[0] + 0.2 * odds_ratio[0], nll[1] + 0.2 * odds_ratio[1]])
+    # the batch mean is the SFT loss (chosen NLL over chosen tokens) + lambda * mean L_OR
+    assert math.isclose(losses.mean().item(), 4.0 / 5.0 + 0.2 * sum(odds_ratio) / 2, rel_tol=1e-12)
+    assert_close(chosen, [log_odds(-0.5), log_odds(-1.0)])  # no beta: the rewards are the log odds
+    assert_close(rejected, [log_odds(-2.0), log_odds(-0.25)])
+    losses.sum().backward()
+    assert (policy_c.grad < 0).all()  # raising log pi(y_w|x) lowers the loss
+
+
+def test_orpo_log_odds_are_finite_near_certainty_and_far_from_it():
+    scores = response_scores(T([-1e-20, -400.0]), None, T([1.0, 1.0]), "log_odds")
+    assert torch.isfinite(scores).all()
+    assert_close(scores[1], -400.0, atol=1e-12)  # P tiny: log odds = log P
+    assert_close(response_scores(T([-1.0]), None, T([2.0]), "log_odds"), [log_odds(-0.5)])
+    assert_close(response_scores(T([-1.0]), T([-3.0]), T([2.0]), "mean"), [1.0])
+    assert_close(response_scores(T([-1.0]), None, None, "sum"), [-1.0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_kto_by_hand():
+    policy = T([-3.0, -5.0, -4.0]).requires_grad_(True)
+    ref = T([-4.0, -4.0, -4.0])
+    desirable = torch.tensor([True, False, True])
+    policy_kl = T([-6.0, -2.0]).requires_grad_(True)
+    ref_kl = T([-5.0, -4.0])
+    losses, rewards, z = kto_loss(policy, ref, desirable, policy_kl, ref_kl, 0.5, 1.0, 2.0)
+    # z_ref = max(0, mean(-1, 2)) = 0.5; r = 1, -1, 0
+    assert z.item() == 0.5
+    expected = [
+        1 - sigmoid(0.5 * (1.0 - 0.5)),
+        2.0 * (1 - sigmoid(0.5 * (0.5 + 1.0))),
+        1 - sigmoid(0.5 * -0.5),
+    ]
+    assert_close(losses, expected)
+    assert_close(rewards, [0.5, -0.5, 0.0])
+    assert not rewards.requires_grad and not z.requires_grad
+    losses.sum().backward()
+    assert policy_kl.grad is None  # z_ref is a baseline: no gradient through it
+    # d/dr of lambda (1 - sigma(beta (r - z))) = -lambda beta sigma (1 - sigma); undesirable: the opposite
+    s0, s1 = sigmoid(0.25), sigmoid(0.75)
+    assert_close(policy.grad[:2], [-0.5 * s0 * (1 - s0), 2.0 * 0.5 * s1 * (1 - s1)])
+
+
+def test_kto_kl_baseline_is_clamped_at_zero_and_zero_without_mismatched_pairs():
+    policy, ref, desirable = T([-3.0]), T([-4.0]), torch.tensor([True])
+    _, _, z = kto_loss(policy, ref, desirable, T([-6.0, -7.0]), T([-5.0, -4.0]), 0.1)
+    assert z.item() == 0.0  # mean -2 clamped
+    losses, _, z = kto_loss(policy, ref, desirable, T([]), T([]), 0.1)
+    assert z.item() == 0.0
+    assert_close(losses, [1 - sigmoid(0.1 * 1.0)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # PPO: masked statistics
 # ---------------------------------------------------------------------------------------------------
@@ -404,6 +529,20 @@ def test_k3_is_nonnegative():
     logp = -5 * torch.rand(1000, generator=gen, dtype=F64)
     ref = -5 * torch.rand(1000, generator=gen, dtype=F64)
     assert (kl_penalty(logp, ref, "k3") >= 0).all()
+
+
+def test_shape_scores_by_hand():
+    scores = T([1.0, -3.0, 5.0, 0.5])
+    finished = torch.tensor([True, False, True, False])
+    assert_close(shape_scores(scores, finished), scores)  # nothing asked: unchanged
+    assert_close(shape_scores(scores, finished, missing_eos_penalty=1.0), [1.0, -4.0, 5.0, -0.5])
+    assert_close(shape_scores(scores, finished, clip=2.0), [1.0, -2.0, 2.0, 0.5])
+    # penalty, then clip: [1, -2, 2, -0.5]; mean 0.125, unbiased var 9.1875 / 3 = 3.0625, std 1.75
+    shaped = shape_scores(scores, finished, 1.0, 2.0, normalize=True)
+    expected = [(x - 0.125) / (1.75 + 1e-8) for x in (1.0, -2.0, 2.0, -0.5)]
+    assert_close(shaped, expected)
+    assert_close(scores, [1.0, -3.0, 5.0, 0.5])  # the input is left alone
+    assert_close(shape_scores(T([3.0]), torch.tensor([True]), normalize=True), [3.0])  # a batch of one
 
 
 def test_per_token_rewards_score_at_last_token():

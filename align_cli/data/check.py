@@ -26,6 +26,7 @@ STAGE_KINDS = {
     "sft": SFT_KINDS + PREFERRED_FT_KINDS,
     "reward": ("preference", "ranked"),
     "dpo": ("preference", "ranked"),
+    "kto": ("unpaired",),
 }
 
 

@@ -17,7 +17,7 @@ from align_cli.data.readers import MAX_REPORTED_ERRORS, DataError, ReadOptions, 
 
 ROLES = ("system", "user", "assistant", "tool")
 USER_SIDE = ("user", "tool")  # turns the model answers: a user's, or a tool's result
-KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked")
+KINDS = ("alpaca", "prompt_completion", "messages", "text", "preference", "ranked", "unpaired")
 SFT_KINDS = ("alpaca", "prompt_completion", "messages", "text")
 # `align sft` also takes preference records: Preferred-FT, SFT on prompt + chosen (best) response
 PREFERRED_FT_KINDS = ("preference", "ranked")
@@ -43,6 +43,7 @@ KIND_FIELDS = {
     "messages": ("messages",),
     "preference": ("chosen", "rejected"),
     "ranked": ("responses",),
+    "unpaired": ("label",),  # TRL's unpaired preference (KTO): prompt, completion, label true/false
     "alpaca": ("instruction",),
     "prompt_completion": ("completion",),
     "text": ("text",),
@@ -67,6 +68,7 @@ def _kind_hint(obj: dict[str, Any], allowed: tuple[str, ...], found: str | None)
         "text": "text",
         "preference": "prompt, chosen, rejected",
         "ranked": "prompt, responses",
+        "unpaired": "prompt, completion, label",
     }
     first = next(iter(obj), "COLUMN")
     fields = ", ".join(obj) or "none"
@@ -185,6 +187,26 @@ def _validate_preference(obj: dict, errors: list[str]) -> None:
         errors.append(f"rating: expected a string label, got {obj['rating']!r}")
 
 
+def _completion(obj: dict, errors: list[str]) -> None:
+    """A completion: text, or (TRL's conversational prompt-completion) the assistant turn(s) after it."""
+    if isinstance(obj.get("completion"), list):
+        errors.extend(validate_messages(obj["completion"], "completion", first=("assistant",)))
+    else:
+        _text(obj, "completion", errors)
+
+
+def _validate_unpaired(obj: dict, errors: list[str]) -> None:
+    if isinstance(obj.get("prompt"), list):
+        errors.extend(validate_messages(obj["prompt"], "prompt", need_assistant_last=False))
+    else:
+        _text(obj, "prompt", errors)
+    _completion(obj, errors)
+    if "label" not in obj:
+        errors.append("label: missing (true: a desirable completion, false: an undesirable one)")
+    elif not isinstance(obj["label"], bool):  # "false" or 0 would be truthy or ambiguous
+        errors.append(f"label: expected true or false, got {obj['label']!r}")
+
+
 def validate_record(obj: Any, kind: str) -> list[str]:
     """Problems of one record of ``kind``, each as 'field: what is wrong'."""
     if not isinstance(obj, dict):
@@ -196,10 +218,7 @@ def validate_record(obj: Any, kind: str) -> list[str]:
         _text(obj, "output", errors)
     elif kind == "prompt_completion":  # text, or TRL's conversational prompt-completion
         _prompt(obj, errors)
-        if isinstance(obj.get("completion"), list):
-            errors.extend(validate_messages(obj["completion"], "completion", first=("assistant",)))
-        else:
-            _text(obj, "completion", errors)
+        _completion(obj, errors)
     elif kind == "messages":
         errors.extend(validate_messages(obj.get("messages")))
     elif kind == "text":
@@ -208,6 +227,8 @@ def validate_record(obj: Any, kind: str) -> list[str]:
         _validate_preference(obj, errors)
     elif kind == "ranked":
         _validate_ranked(obj, errors)
+    elif kind == "unpaired":
+        _validate_unpaired(obj, errors)
     else:
         raise ValueError(f"unknown record kind {kind!r}")
     return errors

@@ -22,8 +22,11 @@ def split_conversations(
 
 
 def ranked_responses(record: Record) -> tuple[Any, list[Any]]:
-    """(prompt, responses best first) of a preference or ranked record."""
+    """(prompt, responses best first) of a preference or ranked record; (prompt, [completion]) of an
+    unpaired one (KTO)."""
     f = record.fields
+    if record.kind == "unpaired":
+        return f["prompt"], [f["completion"]]
     if record.kind == "preference":
         prompt, chosen, rejected = f.get("prompt"), f["chosen"], f["rejected"]
         # full conversations beside a `prompt` field (UltraFeedback-binarized): the shared turns are the

@@ -1,14 +1,16 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) and its family: cDPO, IPO, hinge, Plackett-Luce.
+"""Direct Preference Optimization (Rafailov et al. 2023) and its family: cDPO, IPO, hinge, SimPO, ORPO,
+Plackett-Luce.
 
 With log-probs summed over the response tokens and pi_ref the starting (SFT) model,
 
     h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
-    L = -log sigma(beta * h)                       (variants: align_cli.losses.dpo_loss)
+    L = -log sigma(beta * h)                       (variants: align_cli.losses.PREFERENCE_LOSSES)
 
 and for K ranked responses (best first) one term per rank position (plackett_luce_dpo_loss), which is
 DPO for K = 2. The implicit reward beta * (log pi - log pi_ref) is logged for chosen and rejected.
 IPO divides every summed log-prob, the policy's and the (cached or live) reference's, by its response's
-number of tokens (per-token means, as TRL and torchtune do).
+number of tokens (per-token means, as TRL and torchtune do). SimPO and ORPO have no reference: none is
+loaded or cached, and ORPO trains from the base model (its loss holds the chosen responses' NLL).
 
 Efficiency: all responses of a batch go through the policy in one forward pass (collate_responses).
 By default the reference log-probs are computed once before training in a no-grad pass and cached on
@@ -37,11 +39,11 @@ from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.forward import response_lengths, summed_logps
-from align_cli.losses import dpo_loss, plackett_luce_dpo_loss
+from align_cli.losses import dpo_loss, plackett_luce_dpo_loss, preference_beta, uses_reference
 from align_cli.memory import print_estimate
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import DPOSection, Recipe, RecipeError
-from align_cli.reference import LiveReference, cache_reference_logps, frozen_reference
+from align_cli.reference import cache_reference_logps, open_live_reference
 from align_cli.runs import last_output, write_summary
 
 PREFERENCE_KINDS = ("preference", "ranked")
@@ -88,40 +90,44 @@ def preference_metrics(
 
 def preference_loss(
     policy: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | None,
     batch: dict[str, Any],
     cfg: DPOSection,
     lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(summed loss, metric sums) from per-row summed log-probs [R] of the policy and the reference, and
-    the rows' response lengths [R] (``response_lengths``; IPO divides both sums by them).
+    """(summed loss, metric sums) from per-row summed log-probs [R] of the policy and the reference (None:
+    a loss without one), and the rows' response lengths [R] (``response_lengths``; the per-token
+    variants divide the sums by them).
 
     Pairs use ``dpo_loss`` (every variant); a batch holding a ranking of K > 2 uses Plackett-Luce
     (sigmoid only, checked before training, on sums), whose K = 2 rows equal sigmoid DPO."""
     pol, mask = to_grid(policy, batch)
-    ref, _ = to_grid(reference.to(policy.dtype), batch)
+    if reference is not None and uses_reference(cfg.loss_type, cfg.reference_free):
+        ref = to_grid(reference.to(policy.dtype), batch)[0]
+    else:
+        ref = None
     if mask.shape[1] == 2 and bool(mask.all()):
         n = to_grid(lengths.to(policy.dtype), batch)[0] if lengths is not None else None
         losses, chosen, rejected = dpo_loss(
-            pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
-            cfg.reference_free, *((n[:, 0], n[:, 1]) if n is not None else ()),
+            pol[:, 0], pol[:, 1], *((ref[:, 0], ref[:, 1]) if ref is not None else (None, None)), cfg.beta,
+            cfg.loss_type, cfg.label_smoothing, cfg.reference_free,
+            *((n[:, 0], n[:, 1]) if n is not None else (None, None)), cfg.simpo_gamma, cfg.orpo_lambda,
         )  # fmt: skip
         rewards = torch.stack([chosen, rejected], 1)
     else:
-        losses, rewards = plackett_luce_dpo_loss(
-            pol, torch.zeros_like(ref) if cfg.reference_free else ref, cfg.beta, mask
-        )
+        beta = preference_beta(cfg.loss_type, cfg.beta)
+        losses, rewards = plackett_luce_dpo_loss(pol, ref, beta, mask)
     return losses.sum(), preference_metrics(pol.detach(), rewards, mask)
 
 
 def make_compute_loss(cfg: DPOSection, reference: Reference | None = None):
     """compute_loss for the Trainer. ``reference`` scores a batch live; None: the batch carries the
-    cached ``ref_logps`` (or the loss is reference-free)."""
+    cached ``ref_logps`` (or the loss reads no reference)."""
 
     def compute_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         policy = summed_logps(model, batch)
-        if cfg.reference_free:
-            ref = torch.zeros_like(policy)
+        if not uses_reference(cfg.loss_type, cfg.reference_free):
+            ref = None
         elif reference is not None:
             ref = reference(model, batch)
         else:
@@ -193,7 +199,7 @@ def prepare_dpo_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
     return train, held, {"train": stats, "eval": eval_stats}
 
 
-def resolve_policy(recipe: Recipe, console: Console) -> None:
+def resolve_policy(recipe: Recipe, console: Console, stage: str = "dpo") -> None:
     """No model named: the last ``align sft`` output is policy and reference (pi_ref = pi_SFT)."""
     if recipe.model.name_or_path:
         return
@@ -204,7 +210,8 @@ def resolve_policy(recipe: Recipe, console: Console) -> None:
             "  align sft --recipe recipes/sft-tiny.yaml\n"
             "or the paper's Preferred-FT baseline, SFT on the chosen responses:\n"
             "  align sft --model MODEL --data prefs.jsonl\n"
-            "or name a model: align dpo --model PATH_OR_HUB_ID --data prefs.jsonl"
+            f"or name a model: align {stage} --model PATH_OR_HUB_ID --data DATA"
+            + ("\n(ORPO starts from the base model: name it)" if recipe.dpo.loss_type == "orpo" else "")
         )
     recipe.model.name_or_path = str(found)
     console.print(f"[bold]policy and reference[/]: {found} (the last `align sft` output)")
@@ -226,19 +233,17 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
 
     reference: Reference | None = None
     ref_model: torch.nn.Module | None = None
-    ref_info: dict[str, Any] = {"mode": "none (reference_free)" if cfg.reference_free else "cache"}
-    if not cfg.reference_free and cfg.reference_cache:
+    with_reference = uses_reference(cfg.loss_type, cfg.reference_free)
+    reason = "reference_free" if cfg.reference_free else f"loss_type {cfg.loss_type}"
+    ref_info: dict[str, Any] = {"mode": "cache" if with_reference else f"none ({reason})"}
+    if with_reference and cfg.reference_cache:
         sets = {"train": train_all, "eval": held}
         ref_info["cache"] = cache_reference_logps(recipe, model, accelerator, tokenizer, sets, console)
         ref_info["corrupt_entries_recomputed"] = sum(info["corrupt"] for info in ref_info["cache"].values())
-    elif not cfg.reference_free:
-        ref_model = frozen_reference(recipe.model, cfg.reference_model, tokenizer)  # None: adapters off
-        ref_info["mode"] = (
-            "live (base model, adapters disabled)" if ref_model is None else "live (second model)"
+    elif with_reference:
+        reference, ref_model, ref_info["mode"] = open_live_reference(
+            recipe.model, cfg.reference_model, accelerator, tokenizer
         )
-        if ref_model is not None:
-            ref_model.to(accelerator.device)
-        reference = LiveReference(accelerator, ref_model)
     console.print(f"[bold]reference[/]: {ref_info['mode']}")
 
     if not recipe.data.eval:
@@ -256,9 +261,13 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
         collate=make_collate(tokenizer.pad_token_id),
         compute_loss=make_compute_loss(cfg, reference),
         loss_settings={
-            "dpo.beta": cfg.beta,
+            "dpo.beta": preference_beta(cfg.loss_type, cfg.beta),
             "dpo.loss_type": cfg.loss_type,
             "dpo.label_smoothing": cfg.label_smoothing,
+            **{
+                "simpo": {"dpo.simpo_gamma": cfg.simpo_gamma},
+                "orpo": {"dpo.orpo_lambda": cfg.orpo_lambda},
+            }.get(cfg.loss_type, {}),
         },
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)

@@ -204,13 +204,7 @@ def rollout(ctx: dict[str, Any], prompts: list[Prompt], iteration: int) -> dict[
         score(ctx["scorer"], ctx["scorer_tokenizer"], prompts, texts, recipe.data.template, ended),
         device=mask.device,
     )
-    scores = raw.clone()
-    if p.missing_eos_penalty is not None:
-        scores = torch.where(finished, scores, scores - p.missing_eos_penalty)
-    if p.score_clip is not None:
-        scores = scores.clamp(-p.score_clip, p.score_clip)
-    if p.score_norm and len(scores) > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    scores = L.shape_scores(raw, finished, p.missing_eos_penalty, p.score_clip, p.score_norm)
     old_logps, ref_logps, old_values = (to_padded(x, lengths) for x in (logps, ref_logps, values))
     rewards, kl = L.per_token_rewards(scores, old_logps, ref_logps, mask, ctx["kl_ctl"].value, p.kl_estimator)
     advantages, returns = L.gae(rewards, old_values, mask, p.gamma, p.lam)
