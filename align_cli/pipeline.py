@@ -168,7 +168,6 @@ def _final_of(run_dir: Path) -> Path | None:
 
 def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     """Run every stage in order (skipping finished ones); return run name -> final model directory."""
-
     root = Path(recipe.output)
     root.mkdir(parents=True, exist_ok=True)
     os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline

@@ -22,9 +22,9 @@ from align_cli.cli import app
 from align_cli.data.formats import DataError, load_records
 from align_cli.data.preference import tokenize_preferences
 from align_cli.recipe import KTOSection, RecipeError, load_recipe
+from align_cli.reference import LiveReference
 from align_cli.reference_cache import compute_logps
 from align_cli.runs import record_output
-from align_cli.stages.dpo import live_reference
 from align_cli.stages.kto import make_collate, make_compute_loss, run_kto, tokenize
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import make_recipe, metric_rows, quiet_console, step_losses, weights, write_jsonl
@@ -123,7 +123,7 @@ def test_batch_loss_matches_a_hand_computation_from_the_models(tiny_model: Path)
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     cfg = KTOSection(beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
     batch = make_collate(tok.pad_token_id, 512)(examples)
-    ref = live_reference(SimpleNamespace(autocast=nullcontext), reference)
+    ref = LiveReference(SimpleNamespace(autocast=nullcontext), reference)
     loss, metrics = make_compute_loss(cfg, ref)(policy, batch)
 
     swapped = [e | {"responses": examples[i - 1]["responses"]} for i, e in enumerate(examples)]

@@ -1,0 +1,297 @@
+"""The helper commands beside the training stages: argument handling only (the work lives in the
+modules each one calls). Registered on ``align_cli.cli``'s app when that module is imported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from align_cli.cli import (
+    ModelOpt,
+    RecipeOpt,
+    SetOpt,
+    _epilog,
+    _fail,
+    _guarded,
+    _option,
+    app,
+    console,
+    data_app,
+    reward_app,
+)
+from align_cli.recipe import load_recipe
+from align_cli.stages import STAGES
+
+
+@reward_app.command(
+    "score",
+    epilog=_epilog(
+        (
+            "align reward score -m runs/reward-tiny/final -d examples/data/prefs.jsonl -o scored.jsonl",
+            "align reward score --data examples/data/ranked.jsonl | head -3      (the last reward model)",
+        )
+    ),
+)
+def reward_score(
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="JSONL: pairs, rankings, prompt/completion or messages.")
+    ],
+    model: _option(
+        str | None, "--model", "-m", help="Reward model directory; default: the last `align reward` output."
+    ) = None,
+    out: _option(Path | None, "--out", "-o", help="JSONL file to write; default: stdout.") = None,
+    template: _option(
+        str | None,
+        "--template",
+        help="auto, alpaca, chat or plain; default: what the model was trained with.",
+    ) = None,
+    max_length: _option(
+        int | None, "--max-length", help="Token limit; default: what the model was trained with."
+    ) = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
+) -> None:
+    """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
+    from align_cli.reward_score import run_score
+
+    if template is not None and template not in ("auto", "alpaca", "chat", "plain"):
+        _fail(f"--template {template!r}: choose one of auto, alpaca, chat, plain")
+    _guarded(lambda: run_score(model, data, out, template, max_length, batch_size))
+
+
+# ----------------------------------------------------------------------------- pipelines and evaluation
+
+_AGAIN_PIPELINE = "run the same command again to continue (finished stages are kept)"
+_CODE_WARNING = (
+    "is code: align imports it and runs it as Python code with your rights; run only recipes whose code "
+    "you trust."
+)
+
+
+@app.command(
+    epilog=_epilog(
+        (
+            "align pipeline --recipe examples/sentiment/pipeline.yaml",
+            "align pipeline -r examples/sentiment/pipeline.yaml --set output=runs/sentiment-b",
+        )
+    )
+)
+def pipeline(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe: stages to run in order.")],
+    set_: SetOpt = None,
+) -> None:
+    """Run the stages a pipeline recipe lists (e.g. sft -> reward -> dpo / ppo), chaining outputs.
+
+    Each stage runs in its own directory under `output`; a finished stage is not run again and an
+    interrupted one resumes from its last checkpoint. `@name` in a value means that stage's final model.
+
+    A recipe's evaluate.ground_truth (`file.py:function`, used by `align frontier`)"""
+    from align_cli.pipeline import load_pipeline, run_pipeline
+
+    _guarded(lambda: run_pipeline(load_pipeline(recipe, set_), console), _AGAIN_PIPELINE)
+
+
+pipeline.__doc__ += _CODE_WARNING
+
+
+@app.command(
+    epilog=_epilog(("align frontier --recipe examples/sentiment/frontier.yaml      (what `make demo` runs)",))
+)
+def frontier(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Pipeline recipe with an evaluate section.")],
+    set_: SetOpt = None,
+) -> None:
+    """Run a pipeline, evaluate every method against the reference, write frontier.csv and frontier.png.
+
+    As in the DPO paper's Figure 2 (left): ground-truth reward against KL(policy || reference) for DPO
+    over several beta, PPO over several KL coefficients, best-of-N over several N, Preferred-FT and
+    the SFT start.
+
+    evaluate.ground_truth (`file.py:function` or `module:function`)"""
+    from align_cli.pipeline import load_pipeline, run_frontier
+
+    _guarded(lambda: run_frontier(load_pipeline(recipe, set_), console), _AGAIN_PIPELINE)
+
+
+frontier.__doc__ += _CODE_WARNING
+
+
+@app.command(
+    "eval",
+    epilog=_epilog(
+        (
+            "align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl "
+            "--ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
+        )
+    ),
+)
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="The policy to evaluate.")],
+    reference: Annotated[str, typer.Option("--reference", help="The reference policy (e.g. the SFT model).")],
+    prompts: Annotated[str, typer.Option("--prompts", help="Held-out prompt JSONL.")],
+    ground_truth: Annotated[
+        str | None,
+        typer.Option(
+            "--ground-truth",
+            help="module:function or file.py:function, text -> reward. This " + _CODE_WARNING,
+        ),
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option("--reward-model", help="Reward model for scores and win rate.")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory for eval.json and eval.jsonl.")
+    ] = None,
+) -> None:
+    """Sample from a policy and its reference: mean reward, RM score, KL(policy || reference), win rate."""
+    from align_cli.evaluate import run_eval
+
+    _guarded(
+        lambda: run_eval(
+            model, reference, prompts, ground_truth, reward_model, n, max_new_tokens, seed, out, console
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- planning and export
+
+
+@app.command(
+    epilog=_epilog(
+        (
+            "align plan --recipe recipes/zephyr-7b/dpo.yaml",
+            "align plan -r recipes/llama2-hh/sft.yaml --processes 8 --shard zero3",
+            "align plan -r recipes/sft-tiny.yaml --set model.lora.enabled=true",
+        )
+    )
+)
+def plan(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe of any training stage.")],
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    processes: Annotated[int, typer.Option("--processes", help="Processes (GPUs) the run will use.")] = 1,
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard", help="none (DDP), zero2 (gradients + optimizer), zero3 (also weights; FSDP)."
+        ),
+    ] = "none",
+    device: Annotated[
+        str, typer.Option("--device", help="cuda or cpu (CPU attention kernels keep the s x s scores).")
+    ] = "cuda",
+) -> None:
+    """Resolve a recipe and estimate its memory per device, reading only the model's config (no weights).
+
+    Weights, gradients, optimizer state (by optimizer), activations of one micro-batch, frozen models
+    (reference, reward model) and the sampling KV cache, so you know before launching whether a run fits."""
+    from align_cli.memory import print_plan
+
+    _guarded(lambda: print_plan(recipe, model, set_, processes, shard, device, console))
+
+
+@app.command(
+    epilog=_epilog(
+        (
+            "align export --model runs/sft-lora/final --merge-lora --out models/sft-merged",
+            "align export -m runs/dpo/final --out models/dpo-bf16 --dtype bfloat16",
+        )
+    )
+)
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="A run's final model (e.g. RUN/final).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write.")],
+    merge_lora: Annotated[
+        bool, typer.Option("--merge-lora", help="Merge a LoRA adapter into its base weights.")
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float32, bfloat16 or float16; default: as saved.")
+    ] = None,
+) -> None:
+    """Write a model as a standalone directory (safetensors + tokenizer) that loads with from_pretrained.
+
+    With --merge-lora a LoRA run's adapter is folded into its base model's weights (W + B A alpha / r):
+    the result needs no peft and gives the same outputs as the adapter model."""
+    from align_cli.engine.metrics import print_table
+    from align_cli.export import export_model
+
+    _guarded(
+        lambda: print_table(
+            "align export", list(export_model(model, out, merge_lora, dtype).items()), console
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@app.command(
+    "init-model",
+    epilog=_epilog(
+        (
+            "align init-model --preset tiny --out examples/models/tiny",
+            "align init-model --preset small --out /tmp/small --seed 1",
+            "align init-model --preset tiny --base --out /tmp/tiny-base",
+        )
+    ),
+)
+def init_model(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the model and tokenizer to.")],
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="tiny (~1M params) or small (~25M).")
+    ] = "tiny",
+    seed: Annotated[int, typer.Option("--seed", help="Initialisation seed (same seed, same weights).")] = 0,
+    corpus: Annotated[
+        list[Path] | None,
+        typer.Option("--corpus", help="Text/JSONL files to train the tokenizer on (repeatable)."),
+    ] = None,
+    base: Annotated[
+        bool,
+        typer.Option(
+            "--base",
+            help="A base model's tokenizer: no chat template, no chat markers (chat SFT then adds its own).",
+        ),
+    ] = False,
+) -> None:
+    """Write a random-init Llama-architecture model with an offline byte-level BPE tokenizer."""
+    from align_cli.presets import init_model_command
+
+    _guarded(
+        lambda: console.print(
+            f"wrote {preset} model to [bold]{init_model_command(preset, out, seed, corpus, base)}[/]"
+        )
+    )
+
+
+@data_app.command(
+    "check",
+    epilog=_epilog(
+        (
+            "align data check examples/data/alpaca.jsonl --model examples/models/tiny",
+            "align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+            "align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
+        )
+    ),
+)
+def data_check(
+    file: Annotated[
+        str, typer.Argument(help="A data file (.jsonl .json .parquet .csv .tsv), folder or hub id.")
+    ],
+    recipe: RecipeOpt = None,
+    model: ModelOpt = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Override data.max_length.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help=f"Check for this stage (default: the recipe's): {', '.join(STAGES)}."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a data file as training reads it; show one record as the model sees it, token-length
+    percentiles and what max length would cut."""
+    from align_cli.data.check import check_file
+
+    overrides = {"model.name_or_path": model, "data.max_length": max_length}
+    _guarded(lambda: check_file(file, load_recipe(recipe, overrides, set_), console, stage))
