@@ -27,7 +27,6 @@ from rich.table import Table
 from torch import nn
 
 from align_cli.logprobs import chunk_rows
-from align_cli.losses import uses_reference
 from align_cli.recipe import LoraSection, Recipe
 
 GIB = 2**30
@@ -294,6 +293,26 @@ def meta_model(
     return model
 
 
+@dataclass
+class MemoryPlan:
+    """What a stage holds on a device: the model it trains (None: nothing is trained) and the frozen
+    models beside it; ``value_config``: a value model trained with the policy (PPO), whose activations
+    count too. Each stage module's ``memory_plan`` builds one from model configs on the meta device."""
+
+    trained: nn.Module | None
+    frozen: dict[str, nn.Module] = field(default_factory=dict)
+    value_config: Any = None
+
+
+def reference_copy(config: Any, recipe: Recipe) -> nn.Module:
+    """A frozen reference model: the policy's architecture and dtype, without adapters."""
+    return meta_model(config, replace(recipe, model=replace(recipe.model, lora=LoraSection())))
+
+
+def trained_lora(recipe: Recipe) -> LoraSection | None:
+    return recipe.model.lora if recipe.model.lora.enabled else None
+
+
 def plan(
     recipe: Recipe,
     config: Any,
@@ -303,40 +322,18 @@ def plan(
     device: str = "cuda",
 ) -> MemoryEstimate:
     """The memory estimate of ``recipe`` from model configs only (nothing is downloaded or allocated):
-    the policy's ``config`` and, for PPO / rejection sampling, the reward model's (default: the same)."""
+    the policy's ``config`` and, for stages with a reward model, its config (default: the same). The
+    models come from the stage's own ``memory_plan``."""
+    from align_cli.stages import STAGES
+
     if shard not in SHARDING:
         raise ValueError(f"shard {shard!r}: choose one of {', '.join(SHARDING)}")
-    stage, m = recipe.stage, recipe.model
+    m = recipe.model
     bits = 4 if m.load_in_4bit else 8 if m.load_in_8bit else None
-    reward_config = reward_config or config
-    lora = m.lora if m.lora.enabled else None
-    frozen: dict[str, nn.Module] = {}
-    if stage == "reward":
-        trained = meta_model(config, recipe, True, lora)
-        return estimate(recipe, trained, {}, processes, shard, bits, config, device=device)
-    if stage == "rejection-sample":
-        frozen = {
-            "policy (sampling)": meta_model(config, recipe),
-            "reward model": meta_model(reward_config, recipe, True),
-        }
-        trained = meta_model(config, recipe, lora=lora) if recipe.rejection.then == "sft" else None
-        return estimate(recipe, trained, frozen, processes, shard, bits, config, device=device)
-    policy: nn.Module = meta_model(config, recipe, lora=lora)
-    value_config = None
-    if stage in ("dpo", "kto"):  # KTO's reference is always live
-        d = recipe.dpo if stage == "dpo" else recipe.kto
-        separate = d.reference_model not in (None, "", m.name_or_path)
-        live = stage == "kto" or (uses_reference(d.loss_type, d.reference_free) and not d.reference_cache)
-        if live and (separate or not m.lora.enabled):
-            frozen["reference"] = meta_model(config, replace(recipe, model=replace(m, lora=LoraSection())))
-    if stage == "ppo":
-        if not m.lora.enabled:
-            frozen["reference"] = meta_model(config, recipe)
-        frozen["reward model"] = meta_model(reward_config, recipe, True)
-        if recipe.ppo.value_model == "reward_model":  # trained with the policy, as in the PPO stage
-            value_config = reward_config
-            policy = nn.ModuleDict({"policy": policy, "value": meta_model(reward_config, recipe, True, lora)})
-    return estimate(recipe, policy, frozen, processes, shard, bits, config, value_config, device)
+    held = STAGES[recipe.stage].load().memory_plan(recipe, config, reward_config or config)
+    return estimate(
+        recipe, held.trained, held.frozen, processes, shard, bits, config, held.value_config, device
+    )
 
 
 def sharding_of(accelerator: Any) -> str:

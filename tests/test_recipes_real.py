@@ -17,6 +17,7 @@ from align_cli.data.formats import Record
 from align_cli.data.preference import ranked_responses
 from align_cli.memory import GIB, plan
 from align_cli.recipe import load_recipe
+from align_cli.stages import STAGES
 from tests.conftest import ROOT
 
 RECIPES = ROOT / "recipes"
@@ -70,7 +71,7 @@ def test_every_recipe_folder_is_covered():
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_parses_and_plans(path: Path, tiny_model: Path):
     recipe = load_recipe(path)
-    assert recipe.stage in ("sft", "reward", "dpo", "ppo", "rejection-sample")
+    assert recipe.stage in STAGES
     family = FAMILIES.get(path.parent.name)
     config = family[1] if family else AutoConfig.from_pretrained(tiny_model)
     if family and recipe.model.name_or_path and not recipe.model.name_or_path.startswith("runs/"):

@@ -40,7 +40,7 @@ from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.forward import response_lengths, summed_logps
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss, preference_beta, uses_reference
-from align_cli.memory import print_estimate
+from align_cli.memory import MemoryPlan, meta_model, print_estimate, reference_copy, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import DPOSection, Recipe, RecipeError
 from align_cli.reference import cache_reference_logps, open_live_reference
@@ -281,6 +281,18 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     if accelerator.is_main_process:
         write_summary(Path(run_dir), summary)
     return summary
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: the policy, and a frozen reference only when it is live and not the policy itself
+    with its adapters off (a cached reference is on disk, not in memory)."""
+    d, m = recipe.dpo, recipe.model
+    separate = d.reference_model not in (None, "", m.name_or_path)
+    live = uses_reference(d.loss_type, d.reference_free) and not d.reference_cache
+    frozen = (
+        {"reference": reference_copy(config, recipe)} if live and (separate or not m.lora.enabled) else {}
+    )
+    return MemoryPlan(meta_model(config, recipe, lora=trained_lora(recipe)), frozen)
 
 
 run = run_dpo  # the registry's face (align_cli/stages/__init__.py)

@@ -39,7 +39,7 @@ from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.forward import summed_logps
 from align_cli.losses import kto_loss
-from align_cli.memory import print_estimate
+from align_cli.memory import MemoryPlan, meta_model, print_estimate, reference_copy, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import KTOSection, Recipe, RecipeError
 from align_cli.reference import open_live_reference
@@ -216,6 +216,14 @@ def run_kto(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     if accelerator.is_main_process:
         write_summary(Path(run_dir), summary)
     return summary
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: the policy and its live reference (none under LoRA: the adapters-off policy)."""
+    m = recipe.model
+    separate = recipe.kto.reference_model not in (None, "", m.name_or_path)
+    frozen = {"reference": reference_copy(config, recipe)} if separate or not m.lora.enabled else {}
+    return MemoryPlan(meta_model(config, recipe, lora=trained_lora(recipe)), frozen)
 
 
 run = run_kto  # the registry's face (align_cli/stages/__init__.py)

@@ -70,7 +70,7 @@ from align_cli.engine.session import open_run, save_final
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.forward import per_token_by_bucket, token_logprobs, token_scores
 from align_cli.generation import SamplingParams, sample
-from align_cli.memory import print_estimate
+from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import count_parameters, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.reference import LiveReference, frozen_reference
@@ -665,6 +665,20 @@ def finish_ppo(
             console,
         )
     return summary
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: the policy (with the value model when that is a reward-model copy, trained with it),
+    the frozen reference (none under LoRA: the adapters-off policy) and the reward model."""
+    reward_config = reward_config or config
+    lora = trained_lora(recipe)
+    policy = meta_model(config, recipe, lora=lora)
+    frozen = {} if recipe.model.lora.enabled else {"reference": meta_model(config, recipe)}
+    frozen["reward model"] = meta_model(reward_config, recipe, True)
+    if recipe.ppo.value_model != "reward_model":
+        return MemoryPlan(policy, frozen)
+    value = meta_model(reward_config, recipe, True, lora)
+    return MemoryPlan(nn.ModuleDict({"policy": policy, "value": value}), frozen, reward_config)
 
 
 run = run_ppo  # the registry's face (align_cli/stages/__init__.py)

@@ -44,6 +44,7 @@ from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
 from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm, shard_batches
+from align_cli.memory import MemoryPlan, meta_model, trained_lora
 from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.runs import (
@@ -490,6 +491,17 @@ def run_rejection_sampling(
     if main:
         write_summary(run_dir, summary)
     return summary
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: the sampling policy and the reward model; the policy is trained only with
+    ``rejection.then: sft`` (after sampling, the sampler freed)."""
+    frozen = {
+        "policy (sampling)": meta_model(config, recipe),
+        "reward model": meta_model(reward_config or config, recipe, True),
+    }
+    then_sft = recipe.rejection.then == "sft"
+    return MemoryPlan(meta_model(config, recipe, lora=trained_lora(recipe)) if then_sft else None, frozen)
 
 
 run = run_rejection_sampling  # the registry's face (align_cli/stages/__init__.py)

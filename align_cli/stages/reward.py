@@ -35,7 +35,7 @@ from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.forward import reward_scores
 from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
-from align_cli.memory import print_estimate
+from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_reward_model, load_tokenizer
 from align_cli.recipe import Recipe, RecipeError, RewardSection
 from align_cli.runs import last_output
@@ -227,6 +227,11 @@ def run_reward(
     return finish_run(
         "reward", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console, plots
     )
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: a sequence-classification copy of the policy is trained; nothing else is held."""
+    return MemoryPlan(meta_model(config, recipe, True, trained_lora(recipe)))
 
 
 run = run_reward  # the registry's face (align_cli/stages/__init__.py)

@@ -26,7 +26,7 @@ from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
 from align_cli.forward import response_logprobs
-from align_cli.memory import print_estimate
+from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import Recipe
 
@@ -89,6 +89,11 @@ def run_sft(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     print_estimate(recipe, model, accelerator, console)
     result = trainer.run(resume=bool(resume))
     return finish_run("sft", recipe, Path(run_dir), accelerator, result, tokenizer, data_stats, console)
+
+
+def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
+    """`align plan`: the policy (with its LoRA adapters) is trained; nothing else is held."""
+    return MemoryPlan(meta_model(config, recipe, lora=trained_lora(recipe)))
 
 
 run = run_sft  # the registry's face (align_cli/stages/__init__.py)
