@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from align_cli.best_of_n import best_of_n_weights
 from align_cli.data.preference import collate_responses
 from align_cli.data.prompts import Prompt
 from align_cli.forward import summed_logps
@@ -34,7 +35,6 @@ from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import ModelSection, RecipeError
 from align_cli.reference import load_reference
 from align_cli.scoring import score
-from align_cli.stages.rejection_sampling import best_of_n_weights
 
 
 def load_reward_fn(spec: str) -> Callable[[str], float]:

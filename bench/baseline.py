@@ -1,7 +1,7 @@
 """The naive log-prob hot path, kept for `bench/run.py --naive` (before/after in one run).
 
 It materialises full-vocabulary log-softmax for every kept position at once, as align did before the
-chunked LM head (align_cli.forward.response_logprobs / stages.ppo.ActorCritic). ``install()`` patches
+chunked LM head (align_cli.forward.response_logprobs / actor_critic.ActorCritic). ``install()`` patches
 it in place of the production path in the bench's child process only.
 """
 
@@ -64,12 +64,12 @@ def naive_actor_forward(
 
 def install() -> None:
     """Replace the production log-prob path by the naive one everywhere it was imported."""
+    import align_cli.actor_critic
     import align_cli.evaluate
     import align_cli.forward
-    import align_cli.stages.ppo
     import align_cli.stages.sft
 
-    for module in (align_cli.forward, align_cli.evaluate, align_cli.stages.sft, align_cli.stages.ppo):
+    for module in (align_cli.forward, align_cli.evaluate, align_cli.stages.sft):
         if hasattr(module, "response_logprobs"):
             module.response_logprobs = naive_response_logprobs
-    align_cli.stages.ppo.ActorCritic.forward = naive_actor_forward
+    align_cli.actor_critic.ActorCritic.forward = naive_actor_forward

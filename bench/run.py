@@ -135,7 +135,9 @@ def time_train_steps(spec, t, steps: int, passes: int = 3) -> dict:
     """Time ``steps`` optimizer steps (after WARMUP) of a StageSpec through Trainer.train_step + AdamW.
 
     ``passes``: 3 for forward + backward (6 FLOPs per parameter and token)."""
-    from align_cli.engine.loop import Trainer, build_optimizer, make_accelerator
+    from align_cli.engine.distributed import make_accelerator
+    from align_cli.engine.loop import Trainer
+    from align_cli.engine.optim import build_optimizer
 
     accelerator = make_accelerator("fp32")
     trainer = Trainer(spec, t, Path(tempfile.mkdtemp()), accelerator)
@@ -250,7 +252,8 @@ def bench_dpo_warm(model_dir: Path, a: argparse.Namespace) -> dict:
 def bench_dpo_live(model_dir: Path, a: argparse.Namespace) -> dict:
     """The dpo_warm steps with a live reference model (``dpo.reference_cache: false``): a second copy of
     the model scores every batch, so it is in memory for the whole run."""
-    from align_cli.engine.loop import StageSpec, make_accelerator
+    from align_cli.engine.distributed import make_accelerator
+    from align_cli.engine.loop import StageSpec
     from align_cli.recipe import DPOSection, TrainingSection
     from align_cli.reference import LiveReference
     from align_cli.stages.dpo import make_collate, make_compute_loss
@@ -308,14 +311,16 @@ def bench_rs_generation(model_dir: Path, a: argparse.Namespace) -> dict:
 
 
 def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
-    """Whole PPO iterations (rollout + one epoch of updates) through stages/ppo.py's rollout and update."""
+    """Whole PPO iterations (rollout + one epoch of updates) through the stage's own ``PPO`` object."""
 
-    from align_cli import losses as L
+    from rich.console import Console
+
     from align_cli.data.prompts import Prompt
-    from align_cli.engine.loop import build_optimizer, build_scheduler, make_accelerator
+    from align_cli.engine.distributed import make_accelerator
+    from align_cli.engine.run import Run
     from align_cli.models import load_reward_model, load_tokenizer
+    from align_cli.ppo_core import PPO, ActorCritic, PPOModels
     from align_cli.recipe import ModelSection, PPOSection, Recipe, TrainingSection
-    from align_cli.stages.ppo import ActorCritic, rollout, update
 
     section = ModelSection(name_or_path=str(model_dir))
     tokenizer = load_tokenizer(section)
@@ -331,27 +336,12 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         max_new_tokens=a.max_new_tokens,
     )
     recipe = Recipe(training=TrainingSection(lr=1e-6), ppo=p)
-    actor = ActorCritic(policy, None)
-    acc = make_accelerator("fp32")
     iterations = a.ppo_iterations + 1
-    optimizer = build_optimizer(actor, recipe.training)
-    scheduler = build_scheduler(optimizer, recipe.training, iterations * 2)
-    actor, optimizer, scheduler = acc.prepare(actor, optimizer, scheduler)
-    ctx = {
-        "recipe": recipe,
-        "tokenizer": tokenizer,
-        "actor": actor,
-        "reference": reference,
-        "scorer": scorer,
-        "scorer_tokenizer": tokenizer,
-        "accelerator": acc,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "kl_ctl": L.FixedKLController(p.kl_coef),
-        "ptx": [],
-        "run_dir": Path(tempfile.mkdtemp()),
-        "skipped": 0,
-    }
+    models = PPOModels(tokenizer, ActorCritic(policy, None), reference, scorer, tokenizer)
+    run = Run(
+        "ppo", recipe.training, Path(tempfile.mkdtemp()), make_accelerator("fp32"), Console(), iterations
+    )
+    ppo = PPO(recipe, models, run)
     # padding of the scoring and training passes (use_cache=False; generation's KV-cached steps excluded)
     passes = {"real": 0, "computed": 0}
 
@@ -372,8 +362,8 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         ]
         prompts = [Prompt(f"bench:{i}", text) for i, text in enumerate(texts)]
         start = time.perf_counter()
-        ro = rollout(ctx, prompts, it)
-        update(ctx, ro, it)
+        ro = ppo.rollout(prompts, it)
+        ppo.update(ro, it)
         took = time.perf_counter() - start
         if it == 0:  # warm-up
             passes.update(real=0, computed=0)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from align_cli.cli import app
 from align_cli.data.formats import SFT_KINDS, DataError, load_records
-from align_cli.data.prompts import fit_prompts, load_prompts
+from align_cli.data.prompts import fit_prompts, load_prompts, prompt_room
 from align_cli.models import load_tokenizer
 from align_cli.recipe import ModelSection
 from align_cli.stages.dpo import prepare_dpo_data
@@ -185,6 +185,12 @@ def test_drops_are_counted_by_reason_in_every_data_layer(tiny_model: Path, tmp_p
     assert len(kept) == 1 and stats.dropped == {"prompt_too_long": 1, "beyond_max_prompts": 1}
     with pytest.raises(DataError, match="no prompt fits in 4 tokens"):
         fit_prompts(prompts, tok, "auto", 4)
+    # PPO and rejection sampling read data.max_prompt_length: a prompt longer than it is dropped too
+    assert prompt_room(64, 8) == 56 and prompt_room(64, 8, max_prompt_length=20) == 20
+    assert prompt_room(64, 50, max_prompt_length=20) == 14
+    longest = max(len(p.ids("auto", tok)) for p in prompts)
+    kept, stats = fit_prompts(prompts, tok, "auto", prompt_room(1024, 8, max_prompt_length=longest - 1))
+    assert stats.dropped["prompt_too_long"] >= 1 and len(kept) + stats.dropped["prompt_too_long"] == 3
 
 
 def accounted(summary_data: dict) -> None:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from align_cli.cli import app
 from align_cli.data.formats import DataError, load_records
 from align_cli.data.prompts import Prompt, load_prompts
-from align_cli.engine.loop import NonFiniteError
+from align_cli.engine.nonfinite import NonFiniteError
 from align_cli.evaluate import load_reward_fn
 from align_cli.pipeline import _final_of, load_pipeline
 from align_cli.recipe import RecipeError, load_recipe
@@ -365,19 +365,18 @@ def test_issue15_item16_a_non_finite_loss_names_its_records_and_recipe_keys(tiny
 
 
 def test_issue15_item16_ppo_names_the_iteration_prompts_and_keys(tmp_path: Path):
-    from align_cli.stages.ppo import finite_or_skip
+    from rich.console import Console
+
+    from align_cli.engine.run import Run
+    from align_cli.ppo_core import apply_or_skip
 
     recipe = load_recipe(None, {}, ["training.lr=0.5"], stage="ppo")
-    ctx = {
-        "accelerator": SimpleNamespace(scaler=None),
-        "recipe": recipe,
-        "run_dir": tmp_path,
-        "skipped": 0,
-    }
+    accelerator = SimpleNamespace(scaler=None, is_main_process=True)
+    run = Run("ppo", recipe.training, tmp_path, accelerator, Console(), total=3, unit="iteration")
     prompts = [Prompt("prompts.jsonl:4", "a"), Prompt("prompts.jsonl:9", "b")]
-    assert finite_or_skip(ctx, torch.tensor(1.0), 1.0, 2, prompts)
+    assert apply_or_skip(run, recipe.ppo, torch.tensor(1.0), 1.0, 2, prompts)
     with pytest.raises(NonFiniteError) as info:
-        finite_or_skip(ctx, torch.tensor(float("nan")), 1.0, 2, prompts)
+        apply_or_skip(run, recipe.ppo, torch.tensor(float("nan")), 1.0, 2, prompts)
     text = str(info.value)
     assert "ppo iteration 3: non-finite loss" in text
     assert "prompts: prompts.jsonl:4, prompts.jsonl:9" in text

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from align_cli.data.collate import plan_epoch, shard
 from align_cli.engine.checkpoint import latest_checkpoint
-from align_cli.engine.loop import build_optimizer, build_scheduler
+from align_cli.engine.optim import build_optimizer, build_scheduler
 from align_cli.recipe import TrainingSection
 from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES
@@ -123,7 +123,7 @@ def test_lr_schedules_equal_transformers_own():
         get_linear_schedule_with_warmup,
     )
 
-    from align_cli.engine.loop import build_scheduler
+    from align_cli.engine.optim import build_scheduler
 
     def lrs(scheduler, steps: int = 40) -> list[float]:
         out = []

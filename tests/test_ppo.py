@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from align_cli.actor_critic import to_padded
 from align_cli.data.collate import pad_collate
 from align_cli.data.formats import load_records
 from align_cli.data.tokenize import tokenize_sft
 from align_cli.forward import response_logprobs
 from align_cli.recipe import load_recipe
-from align_cli.stages.ppo import run_ppo, to_padded
+from align_cli.stages.ppo import run_ppo
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import metric_rows, quiet_console, weights
 

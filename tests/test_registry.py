@@ -108,11 +108,9 @@ def test_unknown_and_unread_keys_are_errors_naming_the_stage(stage: str):
         load_recipe(None, sets=[f"{other.section}={{}}"], stage=stage)
 
 
-def _run(stage: str, model: Path, data: Path, out: Path, sets: list[str]) -> None:
-    recipe = load_recipe(
-        None, {"model.name_or_path": str(model), "data.train": str(data), "output.dir": str(out)}, sets, stage
-    )
-    STAGES[stage].load().run(recipe, console=quiet_console())
+def _recipe(stage: str, model: Path, data: Path, out: Path, sets: list[str]):
+    overrides = {"model.name_or_path": str(model), "data.train": str(data), "output.dir": str(out)}
+    return load_recipe(None, overrides, sets, stage)
 
 
 SHORT = ["training.max_steps=2", "training.micro_batch_size=2", "training.save_every=1"]
@@ -136,19 +134,19 @@ def settings(stage: str, tmp: Path, review_models: dict[str, Path]) -> list[tupl
             (tiny, EXAMPLES / "alpaca.jsonl", SHORT + WITH_EVAL),
             (tiny, EXAMPLES / "alpaca.jsonl", BY_EPOCHS + LORA + [f"data.eval={EXAMPLES / 'alpaca.jsonl'}"]),
         ]
+    cut = ["data.max_length=48"] + (["data.on_too_long=drop"] if stage != "reward" else [])
     if stage in ("reward", "dpo"):
-        return [
-            (tiny, prefs, SHORT + WITH_EVAL),
-            (tiny, long_pref, BY_EPOCHS + LORA + ["data.max_length=48", "data.on_too_long=drop"]),
-        ]
+        return [(tiny, prefs, SHORT + WITH_EVAL), (tiny, long_pref, BY_EPOCHS + LORA + cut)]
     if stage == "kto":
+        long_unpaired = write_jsonl(
+            tmp / "long_unpaired.jsonl",
+            [{"prompt": "Review:\n", "completion": "good " * 80, "label": True}] * 4
+            + [{"prompt": "Say:\n", "completion": w, "label": w == "yes"} for w in ("yes", "no")] * 2,
+        )
+        unpaired = EXAMPLES / "unpaired.jsonl"
         return [
-            (tiny, EXAMPLES / "unpaired.jsonl", SHORT + WITH_EVAL),
-            (
-                tiny,
-                EXAMPLES / "unpaired.jsonl",
-                BY_EPOCHS + LORA + [f"data.eval={EXAMPLES / 'unpaired.jsonl'}"],
-            ),
+            (tiny, unpaired, SHORT + WITH_EVAL),
+            (tiny, long_unpaired, BY_EPOCHS + LORA + cut + [f"data.eval={unpaired}"]),
         ]
     if stage == "ppo":
         ppo = [
@@ -179,15 +177,10 @@ def settings(stage: str, tmp: Path, review_models: dict[str, Path]) -> list[tupl
             "rejection.max_prompts=4",
             f"rejection.reward_model={rm}",
         ]
+        threshold = ["rejection.select=threshold", "rejection.threshold=-100"]
         return [
-            (tiny, prompts, rs),
-            (
-                tiny,
-                prompts,
-                [*rs, "rejection.then=sft", "rejection.select=threshold", "rejection.threshold=-100"]
-                + SHORT
-                + WITH_EVAL,
-            ),
+            (tiny, prompts, [*rs, "rejection.then=sft", *SHORT, *WITH_EVAL]),
+            (tiny, prompts, [*rs, "rejection.then=sft", *threshold, *BY_EPOCHS, *LORA]),
         ]
     raise AssertionError(f"no probe settings for stage {stage!r}: add them here")
 
@@ -199,8 +192,9 @@ def test_every_key_a_stage_accepts_is_read(
     keys = stage_keys(stage)
     read: set[tuple[type, str]] = set()
     for i, (model, data, sets) in enumerate(settings(stage, tmp_path, review_models)):
+        recipe = _recipe(stage, model, data, tmp_path / f"run{i}", sets)  # validation reads every key
         with recorded_reads() as reads:
-            _run(stage, model, data, tmp_path / f"run{i}", sets)
+            STAGES[stage].load().run(recipe, console=quiet_console())
         read |= reads
     never_read = sorted(k for k, where in keys.items() if where not in read)
     declared = STAGES[stage].unread

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from align_cli.cli import app
-from align_cli.stages.rejection_sampling import (
+from align_cli.best_of_n import (
     best_of_n_kl,
     best_of_n_table,
     best_of_n_weights,
     expected_best_of_n,
     select,
 )
+from align_cli.cli import app
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import load_example_module, quiet_console
 

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import align_cli.losses as losses_module
 import align_cli.stages.sft as sft_stage
 from align_cli.cli import app
-from align_cli.engine import loop as loop_module
+from align_cli.engine import run as run_module
 from align_cli.engine.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, write_manifest
 from align_cli.models import ModelError, load_causal_lm, load_reward_model
 from align_cli.recipe import ModelSection, load_recipe
@@ -368,7 +368,7 @@ def test_ppo_nan_stops_or_is_skipped(review_models: dict, tmp_path: Path, runs_d
 def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_resumes(
     straight: dict, tiny_model: Path, tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    real_save = loop_module.save_checkpoint
+    real_save = run_module.save_checkpoint
 
     def save_on_a_full_disk(accelerator, run_dir, step, state, keep_last):
         if step != 4:
@@ -380,7 +380,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_re
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(run_module, "save_checkpoint", save_on_a_full_disk)
     out = tmp_path / "run"
     args = cli_args("sft", tiny_model, EXAMPLES / "alpaca.jsonl", out, SFT_SETS)
     result = runner.invoke(app, args, env={"COLUMNS": "300"})
@@ -389,7 +389,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_re
     assert "saving checkpoint at step 4 failed" in flat and "File too large" in flat
     assert f"the previous one, {out / 'checkpoint-0000002'}, is intact" in flat
     assert not partial_saves(out) and latest_checkpoint(out).name == "checkpoint-0000002"
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
     invoke([*args, "--resume"])
     assert_same_run(straight["sft"], out)
 

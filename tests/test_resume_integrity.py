@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from align_cli.cli import app
 from align_cli.engine.checkpoint import MANIFEST, SaveSchedule, damaged_files, latest_checkpoint
-from align_cli.engine.loop import apply_training_settings, build_optimizer, build_scheduler
+from align_cli.engine.optim import apply_training_settings, build_optimizer, build_scheduler
 from align_cli.engine.resume import recipe_changes, refused_changes
 from align_cli.recipe import RecipeError, TrainingSection, load_recipe
 from align_cli.reference_cache import attach_reference_logps

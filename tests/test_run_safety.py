@@ -18,12 +18,13 @@ import yaml
 from typer.testing import CliRunner
 
 import align_cli.engine.checkpoint as checkpoint_module
+import align_cli.engine.run as run_module
 import align_cli.engine.session as session_module
 import align_cli.stages.ppo as ppo_module
 import align_cli.stages.rejection_sampling as rs_module
 from align_cli.cli import app
 from align_cli.engine.checkpoint import STATE_FILE, latest_checkpoint, save_checkpoint
-from align_cli.engine.loop import make_accelerator
+from align_cli.engine.distributed import make_accelerator
 from align_cli.engine.signals import StoppedBySignal
 from align_cli.pipeline import _final_of, load_pipeline, run_pipeline
 from align_cli.recipe import RecipeError, load_recipe
@@ -287,8 +288,8 @@ def test_issue15_item13_bookkeeping_after_the_final_save_only_warns(
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    for name in ("write_summary", "record_output", "plot_metrics"):
-        monkeypatch.setattr(session_module, name, read_only)
+    for name in ("write_summary", "record_output", "plot_metrics"):  # the run's end: engine/run.py
+        monkeypatch.setattr(run_module, name, read_only)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="align"):
         result, text = invoke(sft_args(tiny_model, out))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from align_cli.best_of_n import select
 from align_cli.data.formats import Record
 from align_cli.data.preference import collate_responses, encode_preference, fit_lengths
 from align_cli.data.prompts import Prompt
@@ -23,7 +24,7 @@ from align_cli.forward import reward_scores
 from align_cli.models import load_reward_model
 from align_cli.recipe import LoraSection, ModelSection
 from align_cli.scoring import score, scored_row, scoring_lengths
-from align_cli.stages.rejection_sampling import select, sft_record
+from align_cli.stages.rejection_sampling import sft_record
 
 CHAT = [{"role": "user", "content": "What did you think of the film?"}]
 RESPONSE = "A wonderful, moving film with great acting."

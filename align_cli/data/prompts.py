@@ -80,12 +80,19 @@ def load_prompts(source: str, options: ReadOptions | None = None, limit: int | N
     return prompts[:limit] if limit else prompts
 
 
+def prompt_room(max_length: int, max_new_tokens: int, max_prompt_length: int | None = None) -> int:
+    """The most tokens a prompt may have: room for ``max_new_tokens`` within ``data.max_length``, and at
+    most ``data.max_prompt_length`` when that is set (as TRL's trainers cap prompts)."""
+    room = max_length - max_new_tokens
+    return room if max_prompt_length is None else min(room, max_prompt_length)
+
+
 def fit_prompts(
     prompts: list[Prompt], tokenizer: Any, template: str, max_tokens: int, limit: int | None = None
 ) -> tuple[list[Prompt], Any]:
-    """The prompts that leave room to generate (at most ``max_tokens`` tokens: data.max_length minus
-    max_new_tokens), the first ``limit`` of them, and their accounting (a DataStats: read = kept +
-    dropped by reason). Longer prompts are dropped, never cut: a cut prompt asks another question."""
+    """The prompts that leave room to generate (at most ``max_tokens`` tokens: ``prompt_room``), the
+    first ``limit`` of them, and their accounting (a DataStats: read = kept + dropped by reason). Longer
+    prompts are dropped, never cut: a cut prompt asks another question."""
     stats = DataStats(read=len(prompts))
     kept = []
     for prompt in prompts:
@@ -99,7 +106,8 @@ def fit_prompts(
     if not kept:
         source = prompts[0].where.rsplit(":", 1)[0] if prompts else "prompts"
         raise DataError(
-            f"{source}: no prompt fits in {max_tokens} tokens (data.max_length minus max_new_tokens); "
+            f"{source}: no prompt fits in {max_tokens} tokens (data.max_prompt_length, or data.max_length "
+            f"minus max_new_tokens); "
             f"{stats.describe()}"
         )
     return kept, stats

@@ -1,14 +1,39 @@
-"""What stages with their own loops (PPO) need from several processes: metrics averaged over processes,
-and a sharded model's full parameters for sampling."""
+"""Processes and devices: the accelerator every run opens, metrics averaged over processes, a sharded
+model's full parameters for sampling, DeepSpeed's batch settings."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+
+
+def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
+    from accelerate.state import AcceleratorState, GradientState
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # accelerate keeps one global state per process; stages run one after another in one process
+    # (pipeline, tests) may each pick their own precision. The process group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # the scheduler is stepped once per optimizer step, not once per process
+    return Accelerator(
+        mixed_precision=mixed, cpu=cpu or _launched_without_gpu(), step_scheduler_with_optimizer=False
+    )
+
+
+def _launched_without_gpu() -> bool:
+    """Several processes (torchrun, accelerate launch) on a machine with no GPU: accelerate picks its
+    gloo CPU backend only when told to use the CPU; otherwise every process would train alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
 
 
 def mean_across(accelerator: Accelerator, row: dict[str, float], weight: float) -> dict[str, float]:

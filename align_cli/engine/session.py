@@ -20,22 +20,17 @@ from align_cli.engine.checkpoint import (
     publish_dir,
     set_aside_damaged,
 )
-from align_cli.engine.loop import make_accelerator
-from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
+from align_cli.engine.distributed import make_accelerator
+from align_cli.engine.metrics import MetricsLog
 from align_cli.engine.resume import Resume, check_resume, record_data_identity, resume_options
-from align_cli.engine.signals import StoppedBySignal, stop_on_signals, stop_requested
 from align_cli.models import count_parameters, save_model
 from align_cli.recipe import Recipe, RecipeError
 from align_cli.runs import (
     FINAL,
-    after_final,
     default_run_dir,
     peak_memory_mb,
     prepare_run_dir,
-    record_output,
-    runs_root,
     why,
-    write_summary,
 )
 
 
@@ -133,40 +128,36 @@ def finish_run(
     console: Console,
     plot_keys: tuple[str, ...] = ("loss", "eval/loss", "lr", "grad_norm"),
 ) -> dict[str, Any]:
-    """Save the final model, write summary.json and a plot, print the summary table. A SIGTERM/SIGINT
-    meanwhile lets all of it finish, then stops the run (StoppedBySignal) with its final model complete."""
-    with stop_on_signals() as stop:
-        summary = _finish(
-            stage, recipe, run_dir, accelerator, result, tokenizer, data_stats, console, plot_keys
-        )
-        stopped = stop_requested(stop, accelerator)
-    if stopped:
-        step = result["steps"]
-        raise StoppedBySignal(stage, run_dir, step, stop.name or "signal", run_dir / FINAL, final_save=True)
-    return summary
+    """The end of a supervised run (engine/loop.py): the final model, summary.json, plot and the summary
+    table, through the run's ``finish`` (a SIGTERM/SIGINT meanwhile lets it all finish)."""
+    model = result["model"]
+
+    def write_models(final_dir: Path) -> None:
+        state_dict = accelerator.get_state_dict(model)  # every process joins: gathers sharded weights
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            save_final(
+                final_dir, lambda folder: save_model(unwrapped, tokenizer, folder, state_dict=state_dict)
+            )
+
+    def summarize() -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+        return _summary(stage, recipe, run_dir, accelerator, result, data_stats)
+
+    return result["run"].finish(write_models, summarize, list(plot_keys))
 
 
-def _finish(
+def _summary(
     stage: str,
     recipe: Recipe,
     run_dir: Path,
     accelerator: Accelerator,
     result: dict[str, Any],
-    tokenizer: Any,
     data_stats: dict[str, DataStats],
-    console: Console,
-    plot_keys: tuple[str, ...],
-) -> dict[str, Any]:
-    model = result["model"]
-    state_dict = accelerator.get_state_dict(model)
+) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     final_dir = run_dir / FINAL
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_final(final_dir, lambda folder: save_model(unwrapped, tokenizer, folder, state_dict=state_dict))
-    accelerator.wait_for_everyone()
     metrics: MetricsLog | None = result["metrics"]
     last = next((r for r in reversed(metrics.rows) if "loss" in r), {}) if metrics else {}
-    trainable, total = count_parameters(accelerator.unwrap_model(model))
+    trainable, total = count_parameters(accelerator.unwrap_model(result["model"]))
     for name, stats in data_stats.items():  # every record read is either trained on or counted as dropped
         if stats.read != stats.kept + sum(stats.dropped.values()):
             logging.getLogger("align").warning(
@@ -188,29 +179,21 @@ def _finish(
         "skipped_steps": result.get("skipped_steps", 0),
         "data": {name: stats.as_dict() for name, stats in data_stats.items()},
     }
-    if accelerator.is_main_process:  # bookkeeping: a failure here is a warning, the run is finished
-        after_final(run_dir / "summary.json", final_dir, lambda: write_summary(run_dir, summary))
-        if metrics:
-            plot = run_dir / "metrics.png"
-            after_final(plot, final_dir, lambda: plot_metrics(metrics, list(plot_keys), plot))
-        index = runs_root() / "latest.json"
-        after_final(index, final_dir, lambda: record_output(stage, final_dir))
-        rows = [
-            ("steps", summary["steps"]),
-            ("first loss", summary["first_loss"]),
-            ("last loss", summary["last_loss"]),
-            *[(k, v) for k, v in result["final_eval"].items()],
-            ("tokens/s (train)", summary["tokens_per_s"]),
-            ("peak memory (MB)", summary["peak_memory_mb"]),
-            ("trainable / total params", f"{trainable:,} / {total:,}"),
-            *[(f"examples ({name})", stats.describe()) for name, stats in data_stats.items() if stats.read],
-            *(
-                [("skipped steps (non-finite)", summary["skipped_steps"])]
-                if recipe.training.nan_policy == "skip" or summary["skipped_steps"]
-                else []
-            ),
-            ("elapsed (s)", summary["elapsed_s"]),
-            ("final model", str(final_dir)),
-        ]
-        print_table(f"align {stage}: summary", rows, console)
-    return summary
+    rows = [
+        ("steps", summary["steps"]),
+        ("first loss", summary["first_loss"]),
+        ("last loss", summary["last_loss"]),
+        *[(k, v) for k, v in result["final_eval"].items()],
+        ("tokens/s (train)", summary["tokens_per_s"]),
+        ("peak memory (MB)", summary["peak_memory_mb"]),
+        ("trainable / total params", f"{trainable:,} / {total:,}"),
+        *[(f"examples ({name})", stats.describe()) for name, stats in data_stats.items() if stats.read],
+        *(
+            [("skipped steps (non-finite)", summary["skipped_steps"])]
+            if recipe.training.nan_policy == "skip" or summary["skipped_steps"]
+            else []
+        ),
+        ("elapsed (s)", summary["elapsed_s"]),
+        ("final model", str(final_dir)),
+    ]
+    return summary, rows

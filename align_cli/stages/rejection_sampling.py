@@ -18,34 +18,24 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from align_cli.data.prompts import Prompt, fit_prompts, load_prompts
+from align_cli.best_of_n import best_of_n_table, print_round_table, select
+from align_cli.data.prompts import Prompt, fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
-from align_cli.generation import Sample, SamplingParams, choose_backend, sample, sample_vllm, shard_batches
+from align_cli.generation import choose_backend
 from align_cli.memory import MemoryPlan, meta_model, trained_lora
-from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
+from align_cli.models import load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.runs import (
     FINAL,
@@ -58,98 +48,7 @@ from align_cli.runs import (
     write_atomic,
     write_summary,
 )
-from align_cli.scoring import score
-
-
-def best_of_n_kl(n: int) -> float:
-    """Analytic KL of best-of-n selection from the sampling policy: log n - (n - 1) / n."""
-    return math.log(n) - (n - 1) / n
-
-
-# ----------------------------------------------------------------------------- selection and tables
-
-
-def select(
-    rewards: list[float], how: str, keep: int, threshold: float | None, finished: list[bool] | None = None
-) -> list[int]:
-    """Indices of the samples of one prompt that are kept, best first. Only samples that ended by
-    themselves compete while there is one (``finished``): a sample cut at max_new_tokens is kept only when
-    no sample of the prompt finished."""
-    pool = [i for i in range(len(rewards)) if finished is None or not any(finished) or finished[i]]
-    order = sorted(pool, key=lambda i: -rewards[i])
-    if how == "best":
-        return order[:1]
-    if how == "top_k":
-        return order[:keep]
-    return [i for i in order if rewards[i] >= threshold]
-
-
-def best_of_n_weights(total: int, n: int) -> list[float]:
-    """Weights w_1..w_N of the ascending-sorted rewards r_(1) <= ... <= r_(N) of N samples such that
-    sum_i w_i r_(i) is the expected best of n samples drawn from them without replacement:
-
-        w_i = C(i - 1, n - 1) / C(N, n)    (the chance that r_(i) is the largest of the n; 0 for i < n)
-
-    the unbiased estimate of E[max of n] from all N samples; n = 1 gives the mean, n = N the max."""
-    if not 1 <= n <= total:
-        raise ValueError(f"best of n={n} needs 1 <= n <= N={total} samples")
-    return [math.comb(i - 1, n - 1) / math.comb(total, n) for i in range(1, total + 1)]
-
-
-def expected_best_of_n(rewards: list[float], n: int) -> float:
-    """E[max of n of ``rewards``] = sum_{i=n..N} C(i-1, n-1) / C(N, n) * r_(i), r sorted ascending."""
-    return sum(w * r for w, r in zip(best_of_n_weights(len(rewards), n), sorted(rewards)))
-
-
-def best_of_n_table(per_prompt: list[list[float]]) -> list[dict[str, float]]:
-    """For n = 1, 2, 4, ..., N: means over prompts of the reward of one sample, the mean of n and the best
-    of n, each estimated without bias from all N samples of a prompt (not from its first n samples):
-
-        best of n:  expected_best_of_n(rewards, n) = sum_{i=n..N} C(i-1, n-1) / C(N, n) * r_(i)
-        mean of n:  the mean of all N (the expected mean of n samples, the same for every n)
-        sample 1:   also the mean of all N (the expected reward of one sample, = best of 1)
-
-    and the gain best - mean per prompt. N is the smallest number of samples of any prompt."""
-    n_max = min(len(r) for r in per_prompt)
-    ks = sorted({1, *[2**i for i in range(1, int(math.log2(n_max)) + 1)], n_max})
-    means = [sum(r) / len(r) for r in per_prompt]
-    mean = sum(means) / len(means)
-    rows = []
-    for k in ks:
-        best_k = [expected_best_of_n(r, k) for r in per_prompt]
-        rows.append(
-            {
-                "n": k,
-                "reward_sample_1": mean,
-                "reward_mean_of_n": mean,
-                "reward_best_of_n": sum(best_k) / len(best_k),
-                "gain_per_prompt": sum(b - m for b, m in zip(best_k, means)) / len(best_k),
-                "kl_analytic": best_of_n_kl(k),
-            }
-        )
-    return rows
-
-
-def print_round_table(title: str, rows: list[dict[str, float]], console: Console) -> None:
-    table = Table(title=title)
-    for column in ("N", "reward: sample 1", "mean of N", "best of N", "gain per prompt", "KL log N-(N-1)/N"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["n"]),
-            *[
-                fmt(r[k])
-                for k in (
-                    "reward_sample_1",
-                    "reward_mean_of_n",
-                    "reward_best_of_n",
-                    "gain_per_prompt",
-                    "kl_analytic",
-                )
-            ],
-        )
-    console.print(table)
-
+from align_cli.sample_and_score import sample_and_score
 
 # ----------------------------------------------------------------------------- one round
 
@@ -167,81 +66,6 @@ def sft_record(prompt: Prompt, response: str, finished: bool = True) -> dict[str
     if isinstance(prompt.prompt, list) and finished:
         return {"messages": [*prompt.prompt, {"role": "assistant", "content": response}]}
     return {"prompt": prompt.prompt, "completion": response} | mark
-
-
-def sample_and_score(
-    policy_dir: str,
-    scorer: Any,
-    scorer_tok: Any,
-    prompts: list[Prompt],
-    recipe: Recipe,
-    seed: int,
-    n: int,
-    backend: str,
-    console: Console,
-) -> tuple[list[Sample], list[str], list[float]]:
-    """Sample n responses per prompt from the policy in ``policy_dir`` and score them.
-
-    Under several processes each samples and scores a contiguous share of the prompts in whole batches
-    (seeded by global batch index, so the samples do not depend on the number of processes) and every
-    process gets all results back, in prompt order. vLLM manages its own GPUs: the main process samples
-    everything there."""
-    rs, template = recipe.rejection, recipe.data.template
-    state = PartialState()
-    if backend == "vllm":
-        start, stop, first = (0, len(prompts), 0) if state.is_main_process else (0, 0, 0)
-    else:
-        start, stop, first = shard_batches(
-            len(prompts), rs.prompts_per_batch, state.process_index, state.num_processes
-        )
-    policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
-    settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(template, prompts))
-    params = SamplingParams(
-        n=n,
-        max_new_tokens=rs.max_new_tokens,
-        temperature=rs.temperature,
-        top_p=rs.top_p,
-        top_k=rs.top_k,
-        seed=seed,
-        prompts_per_batch=rs.prompts_per_batch,
-    )
-    prompt_ids = [p.ids(template, policy_tok) for p in prompts[start:stop]]
-    columns = (
-        TextColumn("[bold]sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} samples/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    samples: list[Sample] = []
-    with Progress(*columns, console=console, disable=not state.is_main_process) as progress:
-        task = progress.add_task("sample", total=len(prompt_ids) * n, rate="-")  # this process's share
-        started = time.perf_counter()
-
-        def advance(done: int) -> None:
-            progress.advance(task, done)
-            finished = progress.tasks[0].completed
-            progress.update(task, rate=f"{finished / (time.perf_counter() - started):.1f}")
-
-        if backend == "vllm" and prompt_ids:
-            samples = sample_vllm(policy_dir, policy_tok, prompt_ids, params)
-            advance(len(samples))
-        elif prompt_ids:
-            section = ModelSection(name_or_path=policy_dir, dtype=recipe.model.dtype)
-            policy = load_causal_lm(section, policy_tok)
-            policy.to(state.device)
-            samples = sample(policy, policy_tok, prompt_ids, params, progress=advance, first_batch=first)
-            del policy
-    for s in samples:
-        s.prompt_index += start
-    texts = [policy_tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    sampled_prompts, finished = [prompts[s.prompt_index] for s in samples], [s.finished for s in samples]
-    rewards = score(scorer, scorer_tok, sampled_prompts, texts, template, finished, rs.score_batch_size)
-    if state.num_processes > 1:  # every process gets every result, in prompt order (contiguous shares)
-        gathered = gather_object(list(zip(samples, texts, rewards)))
-        samples, texts, rewards = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
-    return samples, texts, rewards
 
 
 def run_round(
@@ -404,7 +228,8 @@ def run_rejection_sampling(
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, read_options(recipe.data))  # bad lines fail here
-    room = recipe.data.max_length - rs.max_new_tokens  # too long: dropped and counted, as is max_prompts
+    # too long: dropped and counted, as is max_prompts
+    room = prompt_room(recipe.data.max_length, rs.max_new_tokens, recipe.data.max_prompt_length)
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
     settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))
     prompts, prompt_stats = fit_prompts(prompts, policy_tok, recipe.data.template, room, rs.max_prompts)
