@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from align_cli import losses
+from align_cli import losses, ppo_core
 from align_cli.recipe import RecipeError, load_recipe
 from align_cli.stages import ppo as ppo_stage
 from align_cli.stages.dpo import run_dpo
@@ -55,7 +55,7 @@ def with_dropout(model_dir: Path, target: Path, p: float = 0.1) -> Path:
 
 def test_ppo_log_probs_are_those_of_the_sampling_temperature(review_models, tmp_path, monkeypatch):
     captured: dict = {}
-    real_rewards, real_sample = losses.per_token_rewards, ppo_stage.sample
+    real_rewards, real_sample = losses.per_token_rewards, ppo_core.sample
 
     def spy_rewards(scores, logps, ref_logps, mask, *args):
         captured.update(logps=logps.clone(), ref=ref_logps.clone(), mask=mask.clone())
@@ -66,7 +66,7 @@ def test_ppo_log_probs_are_those_of_the_sampling_temperature(review_models, tmp_
         return captured["samples"]
 
     monkeypatch.setattr(losses, "per_token_rewards", spy_rewards)
-    monkeypatch.setattr(ppo_stage, "sample", spy_sample)
+    monkeypatch.setattr(ppo_core, "sample", spy_sample)
     run_ppo(review_models, tmp_path / "run", "ppo.temperature=0.7")
     policy = AutoModelForCausalLM.from_pretrained(review_models["sft"]).eval()
     for row, s in enumerate(captured["samples"]):
