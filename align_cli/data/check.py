@@ -75,12 +75,11 @@ def check_file(source: str, recipe: Recipe, console: Console, stage: str | None 
 
         raw, _ = tokenize_preferences(records, tokenizer, d.template, 10**9, 10**9)
         lengths = [e["length"] for e in raw]
-        if stage == "dpo":  # DPO's own length policy (data.on_too_long: drop drops every cut pair)
-            from align_cli.stages.dpo import tokenize as tokenize_dpo
-
-            _, stats = tokenize_dpo(records, tokenizer, recipe)
-        else:
-            _, stats = tokenize_preferences(records, tokenizer, d.template, d.max_length, d.max_prompt_length)
+        # DPO and KTO drop a cut record with data.on_too_long: drop; reward models always cut
+        drop = stage in ("dpo", "kto") and d.on_too_long == "drop"
+        _, stats = tokenize_preferences(
+            records, tokenizer, d.template, d.max_length, d.max_prompt_length, drop_truncated=drop
+        )
         first = raw[0]
         shown = "\n[italic]-- next response --[/]\n".join(
             spans(first["prompt_ids"] + r, [False] * len(first["prompt_ids"]) + [True] * len(r), tokenizer)

@@ -9,6 +9,7 @@ with an empty response are dropped and counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,7 +76,12 @@ def tokenize_preferences(
     template: str,
     max_length: int,
     max_prompt_length: int | None = None,
+    drop_truncated: bool = False,
+    extra: Callable[[Record], dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], DataStats]:
+    """Records -> examples, every record counted: kept (cut ones among them, ``truncated``) or dropped
+    by reason. ``drop_truncated`` (data.on_too_long: drop) drops a record that had to be cut; ``extra``
+    adds a record's own fields to its example (KTO's label)."""
     stats = DataStats()
     examples = []
     for record in records:
@@ -83,12 +89,14 @@ def tokenize_preferences(
         example, reason, truncated = encode_preference(
             record, tokenizer, template, max_length, max_prompt_length
         )
+        if example is not None and truncated and drop_truncated:
+            example, reason = None, "too_long"
         if example is None:
             stats.dropped[reason] += 1
             continue
         stats.kept += 1
         stats.truncated += truncated
-        examples.append(example)
+        examples.append(example | (extra(record) if extra else {}))
     return examples, stats
 
 

@@ -31,7 +31,7 @@ from rich.console import Console
 
 from align_cli.data.formats import load_records
 from align_cli.data.mixture import load_mixture
-from align_cli.data.preference import collate_responses, encode_preference
+from align_cli.data.preference import collate_responses, tokenize_preferences
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
@@ -157,21 +157,14 @@ def tokenize(records: list, tokenizer: Any, recipe: Recipe) -> tuple[list[dict[s
     record that had to be cut)."""
     d = recipe.data
     settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, records))
-    stats, examples = DataStats(), []
-    for record in records:
-        stats.read += 1
-        example, reason, truncated = encode_preference(
-            record, tokenizer, d.template, d.max_length, d.max_prompt_length
-        )
-        if example is not None and truncated and d.on_too_long == "drop":
-            example, reason = None, "too_long"
-        if example is None:
-            stats.dropped[reason] += 1
-            continue
-        stats.kept += 1
-        stats.truncated += truncated
-        examples.append(example)
-    return examples, stats
+    return tokenize_preferences(
+        records,
+        tokenizer,
+        d.template,
+        d.max_length,
+        d.max_prompt_length,
+        drop_truncated=d.on_too_long == "drop",
+    )
 
 
 def prepare_dpo_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[str, DataStats]]:
