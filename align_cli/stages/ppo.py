@@ -7,6 +7,7 @@ stop-and-save, NaN policy, metrics, progress), save the final policy and value m
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,15 @@ def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
     if p.ptx_data:
         records = load_records(p.ptx_data, "auto", SFT_KINDS)
         ptx, ptx_stats = tokenize_sft(records, tokenizer, d.template, d.max_length, "truncate")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # before any model loads
+    if p.rollout_batch_size % world or p.mini_batch_size % world:
+        raise RecipeError(
+            f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) "
+            f"count rollouts over all {world} processes and must be multiples of that number"
+        )
     set_seed(t.seed)
     models = load_models(recipe, policy_dir, scorer_dir, tokenizer)
     run_dir, acc = open_run(recipe, resume)
-    if p.rollout_batch_size % acc.num_processes or p.mini_batch_size % acc.num_processes:
-        raise RecipeError(
-            f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) "
-            f"count rollouts over all {acc.num_processes} processes and must be multiples of that number"
-        )
     iterations = t.max_steps or p.iterations
     run = Run("ppo", t, run_dir, acc, console, iterations, unit="iteration")
     ppo = PPO(recipe, models, run, ptx)
