@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from align_cli import evaluate, forward, reference_cache, scoring
+from align_cli import actor_critic, evaluate, forward, reference_cache, scoring
 from align_cli.data.preference import collate_responses
 from align_cli.models import load_causal_lm, load_reward_model, score_head
 from align_cli.recipe import ModelSection
-from align_cli.stages import dpo, ppo, reward, sft
+from align_cli.stages import dpo, reward, sft
 
 EXAMPLES = [  # rows of 14, 6 and 5 tokens
     {"prompt_ids": [1, 5, 6, 7], "responses": [list(range(8, 18)), [18, 19]], "margin": None},
@@ -71,7 +71,8 @@ def test_every_caller_uses_the_one_forward_module():
     assert dpo.summed_logps is reference_cache.summed_logps is forward.summed_logps
     assert evaluate.summed_logps is forward.summed_logps
     assert reward.reward_scores is scoring.reward_scores is forward.reward_scores
-    assert ppo.token_logprobs is forward.token_logprobs and ppo.token_scores is forward.token_scores
+    assert actor_critic.token_logprobs is forward.token_logprobs
+    assert actor_critic.token_scores is forward.token_scores
     from align_cli import models
 
     for name in ("response_logprobs", "reward_scores", "per_token_by_bucket", "sequence_index"):

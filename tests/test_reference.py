@@ -12,12 +12,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from align_cli import ppo_core as ppo  # PPO builds and scores its reference in ppo_core
 from align_cli import reference as R
 from align_cli.data.preference import collate_responses
 from align_cli.forward import response_logprobs, summed_logps
 from align_cli.models import load_causal_lm
 from align_cli.recipe import LoraSection, ModelSection
-from align_cli.stages import dpo, ppo
+from align_cli.stages import dpo, kto
 
 EXAMPLES = [
     {"prompt_ids": [1, 5, 6], "responses": [[8, 9, 10, 11], [12, 13]], "margin": None},
@@ -102,8 +103,10 @@ def test_live_reference_is_the_policy_with_adapters_off_at_the_temperature(lora_
 
 
 def test_dpo_and_ppo_build_and_score_the_reference_in_one_place():
-    assert dpo.frozen_reference is ppo.frozen_reference is R.frozen_reference
-    assert dpo.LiveReference is ppo.LiveReference is R.LiveReference
+    # DPO and KTO open theirs through reference.open_live_reference (frozen_reference + LiveReference)
+    assert dpo.open_live_reference is kto.open_live_reference is R.open_live_reference
+    assert ppo.frozen_reference is R.frozen_reference
+    assert ppo.LiveReference is R.LiveReference
     for stage in (dpo, ppo):
         for name in ("load_reference", "live_reference", "reference_cache_material", "cache_reference_logps"):
             assert getattr(stage, name, R.__dict__.get(name)) is R.__dict__.get(name), (stage.__name__, name)
