@@ -218,7 +218,9 @@ def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
 
 
 def _epilog(examples: tuple[str, ...]) -> str:
-    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in examples)
+    from rich.markup import escape  # "--set key=[a, b]" (a YAML list) is text, not markup
+
+    return "Examples:\n\n" + "\n\n".join(f"  {escape(line)}" for line in examples)
 
 
 reward_app = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False)

@@ -13,12 +13,9 @@ expectation is the analytic log N - (N - 1) / N.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
 import reprlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,32 +31,16 @@ from align_cli.generation import SamplingParams, sample
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import ModelSection, RecipeError
 from align_cli.reference import load_reference
+from align_cli.rewards import as_number, load_function
 from align_cli.scoring import score
 
 
 def load_reward_fn(spec: str) -> Callable[[str], float]:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function (text -> float).
-
-    This is the one place a recipe names Python code: the ground-truth reward for evaluation. Importing
-    it runs that code with the user's rights. The function returned refuses, in one line naming ``spec``
-    and the sample, an exception of the function or a result that is not a finite number."""
-    if ":" not in spec:
-        raise RecipeError(f"ground truth {spec!r}: expected module:function or file.py:function")
-    module_name, function = spec.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            location = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(location)
-            location.loader.exec_module(module)
-        else:
-            if str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(module_name)
-        fn = getattr(module, function)
-    except Exception as exc:  # the module is the user's code: any error at import is theirs to see
-        raise RecipeError(f"ground truth {spec!r}: cannot load: {type(exc).__name__}: {exc}") from exc
-    if not callable(fn):
-        raise RecipeError(f"ground truth {spec!r}: {function} is not a function")
+    """``package.module:function`` or ``path/to/file.py:function`` -> the ground-truth reward of a
+    response text (text -> float), loaded by ``rewards.load_function``: importing it runs that code with
+    the user's rights. The function returned refuses, in one line naming ``spec`` and the sample, an
+    exception of the function or a result that is not a finite number."""
+    fn = load_function(spec, "ground truth")
 
     def checked(text: str) -> float:
         sample = repr(text if len(text) <= 80 else text[:77] + "...")
@@ -69,7 +50,7 @@ def load_reward_fn(spec: str) -> Callable[[str], float]:
             raise RecipeError(
                 f"ground truth {spec} raised {type(exc).__name__}: {exc} on sample {sample}"
             ) from exc
-        number = _as_number(value)
+        number = as_number(value)
         if number is None or not math.isfinite(number):
             raise RecipeError(
                 f"ground truth {spec} returned {reprlib.repr(value)} for sample {sample}; expected a finite "
@@ -78,15 +59,6 @@ def load_reward_fn(spec: str) -> Callable[[str], float]:
         return number
 
     return checked
-
-
-def _as_number(value: Any) -> float | None:
-    if isinstance(value, (str, bytes)):  # float("0.5") would pass, but text is not a reward
-        return None
-    try:
-        return float(value)  # int, float, bool, numpy and one-element torch numbers
-    except (TypeError, ValueError):
-        return None
 
 
 # Samples are drawn from pi itself, and the KL is computed on the same distribution: one temperature,

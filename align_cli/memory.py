@@ -412,15 +412,16 @@ def plan_recipe(
     """`align plan`: the estimate of a recipe from its models' configs (chaining like the stages do)."""
     from align_cli.recipe import RecipeError
     from align_cli.runs import last_output
+    from align_cli.sections import uses_reward_model
 
     policy = recipe.model.name_or_path or last_output("sft")
     if not policy:
         raise RecipeError("plan: no model.name_or_path (--model) and no `align sft` output to chain from")
     config = read_config(str(policy), recipe.model.trust_remote_code)
-    reward = {"ppo": recipe.ppo.reward_model, "rejection-sample": recipe.rejection.reward_model}.get(
-        recipe.stage or ""
-    )
-    reward = reward or (last_output("reward") if recipe.stage in ("ppo", "rejection-sample") else None)
+    section = {"ppo": recipe.ppo, "rejection-sample": recipe.rejection}.get(recipe.stage or "")
+    reward = section.reward_model if section is not None else None
+    if section is not None and reward is None and uses_reward_model(section):  # functions alone: no model
+        reward = last_output("reward")
     reward_config = read_config(str(reward), recipe.model.trust_remote_code) if reward else None
     return plan(recipe, config, reward_config, processes, shard, device)
 

@@ -1,10 +1,10 @@
-"""Sample n responses per prompt from a saved policy and score them with a reward model, sharded across
-processes in whole batches (best-of-N rounds; any stage that samples from a finished policy)."""
+"""Sample n responses per prompt from a saved policy and score them with a reward source (a reward model
+and/or reward functions), sharded across processes in whole batches (best-of-N rounds; any stage that
+samples from a finished policy)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -23,21 +23,20 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.generation import Sample, SamplingParams, sample, sample_vllm, shard_batches
 from align_cli.models import load_causal_lm, load_tokenizer
 from align_cli.recipe import ModelSection, Recipe
-from align_cli.scoring import score
+from align_cli.rewards import Rewards, RewardSource
 
 
 def sample_and_score(
     policy_dir: str,
-    scorer: Any,
-    scorer_tok: Any,
+    reward: RewardSource,
     prompts: list[Prompt],
     recipe: Recipe,
     seed: int,
     n: int,
     backend: str,
     console: Console,
-) -> tuple[list[Sample], list[str], list[float]]:
-    """Sample n responses per prompt from the policy in ``policy_dir`` and score them.
+) -> tuple[list[Sample], list[str], Rewards]:
+    """Sample n responses per prompt from the policy in ``policy_dir`` and score them with ``reward``.
 
     Under several processes each samples and scores a contiguous share of the prompts in whole batches
     (seeded by global batch index, so the samples do not depend on the number of processes) and every
@@ -94,8 +93,11 @@ def sample_and_score(
         s.prompt_index += start
     texts = [policy_tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     sampled_prompts, finished = [prompts[s.prompt_index] for s in samples], [s.finished for s in samples]
-    rewards = score(scorer, scorer_tok, sampled_prompts, texts, template, finished, rs.score_batch_size)
+    rewards = reward(sampled_prompts, texts, finished)
     if state.num_processes > 1:  # every process gets every result, in prompt order (contiguous shares)
-        gathered = gather_object(list(zip(samples, texts, rewards)))
-        samples, texts, rewards = [g[0] for g in gathered], [g[1] for g in gathered], [g[2] for g in gathered]
+        rows = list(zip(samples, texts, rewards.total, (rewards.sample(i) for i in range(len(samples)))))
+        gathered = gather_object(rows)
+        samples, texts = [g[0] for g in gathered], [g[1] for g in gathered]
+        by_source = {name: [g[3][name] for g in gathered] for name in reward.names}
+        rewards = Rewards([g[2] for g in gathered], by_source)
     return samples, texts, rewards

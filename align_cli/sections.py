@@ -28,6 +28,50 @@ def number(rule: str, default: Any = None, default_factory: Any = None) -> Any:
     return field(default=default, metadata={"rule": rule})
 
 
+def reward_functions() -> Any:
+    """``<stage>.reward_functions``: Python reward functions, ``file.py:function`` or
+    ``module:function`` (TRL's convention, see ``align_cli/rewards.py``); naming one runs its code."""
+    return field(default_factory=list)
+
+
+def reward_weights() -> Any:
+    """``<stage>.reward_weights``: one weight per reward source, the reward model's first (when one is
+    used), then each function's; null: all 1."""
+    return number("finite", None)
+
+
+def uses_reward_model(section: Any) -> bool:
+    """A stage section with ``reward_model`` (and ``reward_functions``) scores with a reward model when
+    one is named, or when no function is (then the last `align reward` output): functions alone never
+    fall back to a reward model."""
+    return section.reward_model is not None or not getattr(section, "reward_functions", [])
+
+
+def reward_problems(name: str, section: Any) -> list[str]:
+    """The problems of a section's reward fields (``reward_model``, ``reward_functions``,
+    ``reward_weights``): a function not written ``file.py:function`` / ``module:function``, and weights
+    not one per source."""
+    functions, weights, model = (
+        section.reward_functions or [],
+        section.reward_weights,
+        uses_reward_model(section),
+    )
+    problems = []
+    for i, spec in enumerate(functions):
+        location, sep, function = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+        if not (sep and location.strip() and function.strip()):
+            problems.append(
+                f"{name}.reward_functions[{i}]: expected file.py:function or module:function, got {spec!r}"
+            )
+    if weights is not None and len(weights) != len(functions) + model:
+        whose = ["the reward model's"] * model + ["one per reward function"] * bool(functions)
+        problems.append(
+            f"{name}.reward_weights: expected {len(functions) + model} ({', then '.join(whose)}), got "
+            f"{len(weights)}"
+        )
+    return problems
+
+
 @dataclass
 class LoraSection:
     enabled: bool = False
@@ -238,7 +282,10 @@ class KTOSection:
 
 @dataclass
 class RejectionSection:
-    reward_model: str | None = None  # default: the last `align reward` output
+    # default: the last `align reward` output, unless reward functions are named (then only they score)
+    reward_model: str | None = None
+    reward_functions: list[str] = reward_functions()
+    reward_weights: list[float] | None = reward_weights()
     prompts: str | None = None  # prompt JSONL; default: data.train
     max_prompts: int | None = number("> 0", None)
     n: int = number("> 0", 16)  # samples per prompt
@@ -257,6 +304,9 @@ class RejectionSection:
     keep_previous_best: bool = True  # Llama 2: a prompt keeps its best sample over all rounds
     eval_n: int = number("> 0", 4)  # samples per prompt used to measure the fine-tuned policy's mean reward
     backend: str = choices("auto", "transformers", "vllm", default="auto")
+
+    def check(self) -> list[str]:
+        return reward_problems("rejection", self)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from align_cli.data.formats import validate_messages
@@ -19,6 +19,8 @@ class Prompt:
     prompt: str | list[dict]  # text, or chat messages ending with a user turn
     instruction: str | None = None  # Alpaca prompts keep their parts, for SFT-ready outputs
     input: str = ""
+    # the row's other columns (an answer, a label...), passed to reward functions by name
+    columns: dict[str, Any] = field(default_factory=dict)
 
     def text(self, template: str, tokenizer: Any) -> str:
         if self.instruction is not None and template in ("auto", "alpaca"):
@@ -29,10 +31,21 @@ class Prompt:
         return encode_segments([(self.text(template, tokenizer), False)], tokenizer)[0]
 
 
+# the fields a prompt is read from; every other column of a row is kept in Prompt.columns
+PROMPT_FIELDS = ("prompt", "instruction", "input", "messages")
+
+
 def _parse(obj: Any, where: str) -> Prompt | str:
     """A Prompt, or the problem with the record."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
+    parsed = _parse_prompt(obj, where)
+    if isinstance(parsed, Prompt):
+        parsed.columns = {k: v for k, v in obj.items() if k not in PROMPT_FIELDS}
+    return parsed
+
+
+def _parse_prompt(obj: dict[str, Any], where: str) -> Prompt | str:
     if "instruction" in obj:
         instruction, input_text = obj.get("instruction"), obj.get("input") or ""
         if not isinstance(instruction, str) or not instruction.strip():

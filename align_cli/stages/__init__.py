@@ -140,12 +140,17 @@ STAGES: dict[str, Stage] = {
             "Best-of-N (Llama 2 rejection sampling): sample N per prompt, score, keep the best, optionally "
             "SFT.\n\nWrites samples.jsonl (every sample and its reward), best.jsonl (SFT-ready), "
             "pairs.jsonl (best vs worst, ready for `align dpo` / `align reward`) and a table of reward by N "
-            "with the analytic KL.",
+            "with the analytic KL.\n\nThe reward: a reward model and/or Python reward functions "
+            "(rejection.reward_functions: file.py:function or module:function, TRL's GRPO convention; "
+            "rejection.reward_weights). A reward function is code: align imports it and runs it as Python "
+            "code with your rights; name only code you trust.",
             (
                 "align rejection-sample --n 16 --prompts examples/data/prompts.jsonl  (last sft + reward)",
                 "align rejection-sample -r recipes/rejection-tiny.yaml --rounds 2 --then sft",
                 "align rejection-sample -m runs/sft/final --reward-model runs/reward/final --prompts p.jsonl "
                 "--set rejection.select=top_k --set rejection.keep=2",
+                "align rejection-sample -m runs/sft/final --prompts examples/verifiable/data/train.jsonl "
+                "--set 'rejection.reward_functions=[examples/verifiable/rewards.py:right_parity]'",
             ),
             flags=(
                 Flag("--n", "rejection.n", int, "Samples per prompt (rejection.n)."),

@@ -1,9 +1,9 @@
 """Rejection sampling / best-of-N (Llama 2).
 
-Sample N responses per prompt from the policy, score each with the reward model, keep the best, and
-optionally fine-tune on them (SFT) and repeat over rounds, each round starting from the last round's
-model. Selecting the best of N samples moves the output distribution away from the sampling policy
-by at most
+Sample N responses per prompt from the policy, score each with the reward model and/or Python reward
+functions (``rewards.RewardSource``), keep the best, and optionally fine-tune on them (SFT) and repeat
+over rounds, each round starting from the last round's model. Selecting the best of N samples moves
+the output distribution away from the sampling policy by at most
 
     KL(best-of-N || pi) = log N - (N - 1) / N
 
@@ -35,8 +35,9 @@ from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
 from align_cli.generation import choose_backend
 from align_cli.memory import MemoryPlan, meta_model, trained_lora
-from align_cli.models import load_reward_model, load_tokenizer
+from align_cli.models import load_tokenizer
 from align_cli.recipe import ModelSection, Recipe, RecipeError
+from align_cli.rewards import RewardSource, load_reward_source
 from align_cli.runs import (
     FINAL,
     after_final,
@@ -49,6 +50,7 @@ from align_cli.runs import (
     write_summary,
 )
 from align_cli.sample_and_score import sample_and_score
+from align_cli.sections import uses_reward_model
 
 # ----------------------------------------------------------------------------- one round
 
@@ -71,8 +73,7 @@ def sft_record(prompt: Prompt, response: str, finished: bool = True) -> dict[str
 def run_round(
     round_dir: Path,
     policy_dir: str,
-    scorer: Any,
-    scorer_tok: Any,
+    reward: RewardSource,
     prompts: list[Prompt],
     recipe: Recipe,
     seed: int,
@@ -82,9 +83,10 @@ def run_round(
 ) -> dict:
     """Sample, score, select; write samples.jsonl, best.jsonl and pairs.jsonl; return the round's figures."""
     rs = recipe.rejection
-    samples, texts, rewards = sample_and_score(
-        policy_dir, scorer, scorer_tok, prompts, recipe, seed, rs.n, backend, console
+    samples, texts, scored = sample_and_score(
+        policy_dir, reward, prompts, recipe, seed, rs.n, backend, console
     )
+    rewards = scored.total
     state = PartialState()  # every process holds all results; the main process writes the files
     write = _write_jsonl if state.is_main_process else lambda path, rows: None
     if state.is_main_process:
@@ -102,6 +104,7 @@ def run_round(
                 "prompt": prompts[s.prompt_index].prompt,
                 "response": texts[i],
                 "reward": rewards[i],
+                **({"reward_sources": scored.sample(i)} if reward.functions else {}),
                 "finished": s.finished,
             }
             for i, s in enumerate(samples)
@@ -151,6 +154,7 @@ def run_round(
     return {
         "table": table,
         "mean_reward": sum(rewards) / len(rewards),
+        "reward_sources": scored.means(),  # reward/<source>: each source's mean where it applied
         "best_jsonl_mean_reward": sum(r["reward"] for r in best_rows) / max(len(best_rows), 1),
         "selected": len(best_rows),
         "selected_unfinished": sum(r.get("finished") is False for r in best_rows),
@@ -202,16 +206,23 @@ def sft_on_round(recipe: Recipe, round_dir: Path, policy_dir: str, console: Cons
 # ----------------------------------------------------------------------------- the stage
 
 
-def _resolve(recipe: Recipe) -> tuple[str, str, str]:
+def _resolve(recipe: Recipe) -> tuple[str, str | None, str]:
+    """(policy, reward model or None, prompts). Reward functions without a named reward model score
+    alone: the last `align reward` output is used only when neither is named."""
     rs = recipe.rejection
     policy = recipe.model.name_or_path or (str(last_output("sft")) if last_output("sft") else None)
-    scorer = rs.reward_model or (str(last_output("reward")) if last_output("reward") else None)
+    scorer = rs.reward_model
+    if scorer is None and uses_reward_model(rs):
+        scorer = str(last_output("reward")) if last_output("reward") else None
     prompts = rs.prompts or recipe.data.train
     missing = []
     if not policy:
         missing.append("a policy: --model, or run `align sft` first")
-    if not scorer:
-        missing.append("a reward model: --reward-model (rejection.reward_model), or run `align reward` first")
+    if not scorer and not rs.reward_functions:
+        missing.append(
+            "a reward: --reward-model (rejection.reward_model), rejection.reward_functions, or run "
+            "`align reward` first"
+        )
     if not prompts:
         missing.append("prompts: --prompts (rejection.prompts) or --data")
     if rs.select == "threshold" and rs.threshold is None:
@@ -233,14 +244,15 @@ def run_rejection_sampling(
     policy_tok = load_tokenizer(ModelSection(name_or_path=policy_dir))
     settle_chat_template(policy_tok, recipe.data.chat_template, needs_chat(recipe.data.template, prompts))
     prompts, prompt_stats = fit_prompts(prompts, policy_tok, recipe.data.template, room, rs.max_prompts)
-    scorer_tok = load_tokenizer(ModelSection(name_or_path=scorer_dir))
-    scorer = load_reward_model(ModelSection(name_or_path=scorer_dir), scorer_tok.pad_token_id)
+    reward = load_reward_source(
+        scorer_dir, rs.reward_functions, rs.reward_weights, recipe.data.template, rs.score_batch_size
+    )
     backend = choose_backend(rs.backend)
     run_dir, accelerator = open_run(recipe, resume)
-    scorer.to(accelerator.device)
+    reward.to(accelerator.device)
     main = accelerator.is_main_process
     console.print(
-        f"[bold]rejection sampling[/]: policy {policy_dir}, reward model {scorer_dir}, "
+        f"[bold]rejection sampling[/]: policy {policy_dir}, reward {reward.describe()}, "
         f"{len(prompts)} prompts x {rs.n} samples, generation backend: {backend}; "
         f"prompts: {prompt_stats.describe()}"
     )
@@ -255,8 +267,7 @@ def run_rejection_sampling(
             figures = run_round(
                 round_dir,
                 policy_dir,
-                scorer,
-                scorer_tok,
+                reward,
                 prompts,
                 recipe,
                 recipe.training.seed + r,
@@ -270,6 +281,7 @@ def run_rejection_sampling(
                 f"{figures['selected']} ({figures['selected_unfinished']} cut at max_new_tokens, kept "
                 f"only where no sample of the prompt ended; written without an end marker), "
                 f"{figures['pairs']} pairs"
+                + "".join(f"; {k} {fmt(v)}" for k, v in figures["reward_sources"].items())
             )
             if main:
                 save_round(round_dir, figures, best_so_far)
@@ -291,6 +303,8 @@ def run_rejection_sampling(
         "run_dir": str(run_dir),
         "start_policy": start_policy,
         "reward_model": scorer_dir,
+        "reward_functions": rs.reward_functions,
+        "reward_weights": reward.weights,
         "rounds": rounds,
         "backend": backend,
         "data": {"prompts": prompt_stats.as_dict()},
@@ -299,10 +313,8 @@ def run_rejection_sampling(
         evaluation = {}
         for label, path in (("start", start_policy), ("final", policy_dir)):
             seed = recipe.training.seed + 10_000
-            _, _, rewards = sample_and_score(
-                path, scorer, scorer_tok, prompts, recipe, seed, rs.eval_n, backend, console
-            )
-            evaluation[label] = sum(rewards) / len(rewards)
+            _, _, scored = sample_and_score(path, reward, prompts, recipe, seed, rs.eval_n, backend, console)
+            evaluation[label] = sum(scored.total) / len(scored.total)
         summary["policy_mean_reward"] = evaluation
         if main:
             final = Path(policy_dir)
@@ -319,12 +331,11 @@ def run_rejection_sampling(
 
 
 def memory_plan(recipe: Recipe, config: Any, reward_config: Any = None) -> MemoryPlan:
-    """`align plan`: the sampling policy and the reward model; the policy is trained only with
-    ``rejection.then: sft`` (after sampling, the sampler freed)."""
-    frozen = {
-        "policy (sampling)": meta_model(config, recipe),
-        "reward model": meta_model(reward_config or config, recipe, True),
-    }
+    """`align plan`: the sampling policy and the reward model (none when reward functions score alone);
+    the policy is trained only with ``rejection.then: sft`` (after sampling, the sampler freed)."""
+    frozen = {"policy (sampling)": meta_model(config, recipe)}
+    if uses_reward_model(recipe.rejection):
+        frozen["reward model"] = meta_model(reward_config or config, recipe, True)
     then_sft = recipe.rejection.then == "sft"
     return MemoryPlan(meta_model(config, recipe, lora=trained_lora(recipe)) if then_sft else None, frozen)
 
