@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from align_cli.data.prompts import fit_prompts, load_prompts, prompt_room
+from align_cli.data.prompts import Prompt, fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
@@ -59,7 +59,7 @@ def reward_model_scorer(scorer_dir: str, template: str) -> tuple[ScoreSamples, t
     model = load_reward_model(ModelSection(name_or_path=scorer_dir), tokenizer.pad_token_id).eval()
     model.requires_grad_(False)
 
-    def score_samples(prompts: list, completions: list[str], finished: list[bool]) -> list[float]:
+    def score_samples(prompts: list[Prompt], completions: list[str], finished: list[bool]) -> list[float]:
         return score(model, tokenizer, prompts, completions, template, finished)
 
     return score_samples, model
