@@ -4,7 +4,8 @@ This module is the reference implementation of the objectives used by the stages
 reward modelling (Bradley-Terry, InstructGPT K-way rankings, Llama 2 margins), the DPO family (DPO,
 conservative DPO, IPO, hinge/SLiC, SimPO, ORPO, Plackett-Luce), KTO on unpaired data, and PPO for RLHF
 (score shaping, KL-shaped per-token rewards, GAE, clipped surrogate and value losses, adaptive KL
-coefficient).
+coefficient), and the critic-free on-policy methods on groups of samples per prompt (GRPO and Dr. GRPO
+group advantages and loss, RLOO's leave-one-out baseline and loss, REINFORCE++ batch normalisation).
 
 Every function takes tensors and plain numbers and returns tensors: no models, no config objects, no
 global state. Each docstring states the formula in the notation of the papers:
@@ -60,6 +61,13 @@ __all__ = [
     "gae",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "group_advantages",
+    "leave_one_out_advantages",
+    "normalize_batch",
+    "GRPO_LOSS_TYPES",
+    "grpo_loss",
+    "kl_shaped_scores",
+    "rloo_loss",
     "entropy_from_logits",
     "FixedKLController",
     "AdaptiveKLController",
@@ -691,6 +699,204 @@ def ppo_value_loss(
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# Critic-free policy gradients on groups of samples: GRPO, Dr. GRPO, RLOO, REINFORCE++
+# ---------------------------------------------------------------------------------------------------
+#
+# A batch holds G (or k) samples of each prompt, consecutive: rows [0, G) are the first prompt's group,
+# [G, 2G) the second's, and so on. Advantages are per sequence ([B]); the losses spread them over the
+# response tokens of [B, T] tensors with a right-padded ``mask``.
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 samples for a baseline, got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantages (Shao et al. 2024, DeepSeekMath): every sample of a group of G samples
+    of one prompt is compared with its group,
+
+        A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)       std unbiased (Bessel), as TRL
+
+    and with ``scale`` False (Dr. GRPO, Liu et al. 2025: the std division favours prompts that are too
+    easy or too hard) A_i = r_i - mean(r_1..r_G). A group whose rewards are all equal gets A = 0.
+
+    Args:
+        rewards: [B] with B = number of prompts * ``group_size``, each group's samples consecutive.
+    Returns:
+        [B] advantages.
+    """
+    groups = _groups(rewards, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, after Kool et al. 2019): each of the k samples of a prompt is
+    baselined by the mean reward of the other k - 1,
+
+        b_i = (sum_j r_j - r_i) / (k - 1),      A_i = r_i - b_i  ( = k / (k - 1) * (r_i - mean(r)) )
+
+    an unbiased baseline, since b_i does not depend on sample i.
+
+    Args:
+        rewards: [B] with B = number of prompts * k, each prompt's samples consecutive.
+    Returns:
+        [B] advantages.
+    """
+    groups = _groups(rewards, k)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def normalize_batch(advantages: Tensor, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ (Hu 2025) global advantage normalisation, over the whole batch rather than a group:
+
+    A_i <- (A_i - mean(A)) / (std(A) + eps)        std unbiased; a batch of one is returned centred
+    """
+    centred = advantages - advantages.mean()
+    if advantages.numel() < 2:
+        return centred
+    return centred / (advantages.std() + eps)
+
+
+# grpo_loss's normalisations (the names of TRL's GRPOTrainer loss_type)
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float,
+    beta: float = 0.0,
+    ref_logprobs: Tensor | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO objective (Shao et al. 2024) as a loss, per response token t of sample i:
+
+        rho_it = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+        l_it   = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta * KL_it
+        KL_it  = exp(ref - logp) - (ref - logp) - 1        k3 (Schulman 2020), ref = log pi_ref(o_it)
+
+    reduced over the batch's tokens as ``loss_type`` says (TRL's names):
+
+        "grpo":    (1/B) sum_i (1/|o_i|) sum_t l_it         the paper's: each sequence's mean, then mean
+        "bnpo":    sum_it l_it / sum_i |o_i|                every token of this batch counts the same
+        "dapo":    sum_it l_it / num_tokens                 DAPO (Yu et al. 2025): tokens of the whole
+                                                            optimizer step, over every process
+        "dr_grpo": sum_it l_it / (B * max_completion_length)  Dr. GRPO: a constant, no length bias
+
+    Args:
+        logprobs, old_logprobs: [B, T] log pi and log pi_old of the sampled tokens (same temperature).
+        advantages: [B], one per sequence (``group_advantages``).
+        mask: [B, T] response tokens, contiguous from position 0.
+        epsilon: the clip range eps.
+        beta: KL coefficient; 0 needs no ``ref_logprobs`` (no reference model at all).
+        num_tokens: for "dapo": the normaliser (default this batch's token count: then "dapo" = "bnpo").
+
+    Returns:
+        (scalar loss, detached stats) with "clipfrac" (fraction of tokens whose clipped term is the
+        active one, the gradient cut off) and, when beta > 0, "kl" (mean k3 per token).
+
+    Raises:
+        ValueError: an unknown ``loss_type``, "dr_grpo" without ``max_completion_length``, beta > 0
+            without ``ref_logprobs``.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(
+            f"unknown GRPO loss type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}"
+        )
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("grpo_loss: beta > 0 needs ref_logprobs")
+    m = mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype).unsqueeze(-1)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = None
+    if beta > 0:
+        kl = kl_penalty(logprobs, ref_logprobs, "k3")
+        per_token = per_token + beta * kl
+    per_token = torch.where(m.bool(), per_token, torch.zeros_like(per_token))
+    if loss_type == "grpo":
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dapo":
+        loss = per_token.sum() / (num_tokens if num_tokens is not None else m.sum().clamp(min=1.0))
+    else:
+        if max_completion_length is None:
+            raise ValueError("grpo_loss: loss_type dr_grpo needs max_completion_length")
+        loss = per_token.sum() / (per_token.shape[0] * max_completion_length)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask)}
+        if kl is not None:
+            stats["kl"] = masked_mean(kl, mask)
+    return loss, stats
+
+
+def kl_shaped_scores(
+    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """RLOO's sequence reward with the KL penalty in it (Ahmadian et al. 2024, as TRL's RLOO trainer):
+
+        R(x, y) = r(x, y) - beta * sum_t (log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t))
+                = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))
+
+    Args:
+        scores: r(x, y), [B].  logprobs, ref_logprobs: [B, T] of the sampled tokens.  mask: [B, T].
+    Returns:
+        (R [B], sequence KL log(pi(y|x) / pi_ref(y|x)) [B]).
+    """
+    m = mask.to(torch.bool)
+    log_ratio = torch.where(m, logprobs - ref_logprobs, torch.zeros_like(logprobs))
+    seq_kl = log_ratio.sum(-1)
+    return scores.to(seq_kl.dtype) - beta * seq_kl, seq_kl
+
+
+def rloo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLOO's policy-gradient loss on whole sequences (Ahmadian et al. 2024 treat the completion as one
+    action), with a PPO-style clip of the sequence ratio for the passes after the first (as TRL's RLOO
+    trainer does):
+
+        rho_i = pi(y_i|x) / pi_old(y_i|x) = exp(sum_t log pi(y_it) - log pi_old(y_it))
+        L     = (1/B) sum_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps))
+
+    On the samples' own policy (rho = 1, the first update of a batch) its gradient is exactly REINFORCE
+    with the leave-one-out baseline: -(1/B) sum_i A_i grad log pi(y_i|x).
+
+    Returns:
+        (scalar loss, detached stats) with "clipfrac" (fraction of sequences whose clipped term is
+        active) and "approx_kl" (mean of 0.5 * (log rho_i)^2).
+    """
+    m = mask.to(torch.bool)
+    log_ratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs)).sum(-1)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "clipfrac": (clipped > unclipped).to(ratio.dtype).mean(),
+            "approx_kl": (0.5 * log_ratio**2).mean(),
+        }
     return loss, stats
 
 

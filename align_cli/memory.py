@@ -164,6 +164,15 @@ def kv_cache_bytes(config: Any, rows: int, seq: int, act: int) -> float:
 # ----------------------------------------------------------------------------- the estimate
 
 
+def _group_section(recipe: Recipe) -> Any:
+    """The section of a stage that samples groups per prompt (GRPO, RLOO), else None."""
+    return {"grpo": recipe.grpo, "rloo": recipe.rloo}.get(recipe.stage or "")
+
+
+def _group_size(section: Any) -> int:
+    return section.num_generations if hasattr(section, "num_generations") else section.k
+
+
 def _shape(recipe: Recipe, processes: int) -> tuple[int, int, str]:
     """(rows, tokens per row, description) of one micro-batch of the stage."""
     t, d, stage = recipe.training, recipe.data, recipe.stage
@@ -173,11 +182,11 @@ def _shape(recipe: Recipe, processes: int) -> tuple[int, int, str]:
             d.max_length,
             f"micro-batch {t.micro_batch_size} pairs x {d.max_length}",
         )
-    if stage == "ppo":
-        p = recipe.ppo
-        rows = max(1, p.mini_batch_size // processes)
-        seq = (d.max_prompt_length or d.max_length) + p.max_new_tokens
-        return rows, seq, f"mini-batch {rows} x (prompt + {p.max_new_tokens} new) {seq}"
+    on_policy = recipe.ppo if stage == "ppo" else _group_section(recipe)
+    if on_policy is not None:
+        rows = max(1, on_policy.mini_batch_size // processes)
+        seq = (d.max_prompt_length or d.max_length) + on_policy.max_new_tokens
+        return rows, seq, f"mini-batch {rows} x (prompt + {on_policy.max_new_tokens} new) {seq}"
     return t.micro_batch_size, d.max_length, f"micro-batch {t.micro_batch_size} x {d.max_length} tokens"
 
 
@@ -246,9 +255,13 @@ def estimate(
     ]
     est.parameters += sum(p.numel() for model in frozen.values() for p in model.parameters())
     sampling: list[Component] = []
-    if recipe.stage in ("ppo", "rejection-sample"):
+    group = _group_section(recipe)
+    if recipe.stage in ("ppo", "rejection-sample") or group is not None:
         if recipe.stage == "ppo":
             rows, new = max(1, recipe.ppo.rollout_batch_size // processes), recipe.ppo.max_new_tokens
+        elif group is not None:  # one generate call: prompts_per_batch prompts with their samples
+            prompts = min(group.prompts_per_batch, max(1, group.prompts_per_iteration // processes))
+            rows, new = prompts * _group_size(group), group.max_new_tokens
         else:
             rs = recipe.rejection
             rows, new = rs.prompts_per_batch * rs.n, rs.max_new_tokens
@@ -418,9 +431,14 @@ def plan_recipe(
     if not policy:
         raise RecipeError("plan: no model.name_or_path (--model) and no `align sft` output to chain from")
     config = read_config(str(policy), recipe.model.trust_remote_code)
-    section = {"ppo": recipe.ppo, "rejection-sample": recipe.rejection}.get(recipe.stage or "")
-    reward = section.reward_model if section is not None else None
-    if section is not None and reward is None and uses_reward_model(section):  # functions alone: no model
+    scored = {
+        "ppo": recipe.ppo,
+        "rejection-sample": recipe.rejection,
+        "grpo": recipe.grpo,
+        "rloo": recipe.rloo,
+    }.get(recipe.stage or "")
+    reward = scored.reward_model if scored is not None else None
+    if scored is not None and reward is None and uses_reward_model(scored):  # functions alone: no model
         reward = last_output("reward")
     reward_config = read_config(str(reward), recipe.model.trust_remote_code) if reward else None
     return plan(recipe, config, reward_config, processes, shard, device)
@@ -464,6 +482,13 @@ def batch_arithmetic(recipe: Recipe, processes: int) -> str:
         return (
             f"{p.rollout_batch_size} rollouts per iteration over {processes} process(es), "
             f"{p.ppo_epochs} epoch(s) of mini-batches of {p.mini_batch_size}"
+        )
+    group = _group_section(recipe)
+    if group is not None:
+        size = _group_size(group)
+        return (
+            f"{group.prompts_per_iteration} prompts x {size} samples per iteration over {processes} "
+            f"process(es), {group.num_iterations} pass(es) of mini-batches of {group.mini_batch_size} samples"
         )
     t = recipe.training
     return (

@@ -357,3 +357,88 @@ class PPOSection:
                 "and top_k 0"
             )
         return problems
+
+
+# grpo.loss_type: the keys of losses.GRPO_LOSS_TYPES (tests/test_registry.py holds the two equal)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def _group_problems(name: str, s: Any, group: str) -> list[str]:
+    """The rules GRPO and RLOO share: a group of at least two samples (a baseline needs another sample),
+    mini-batches within one iteration's samples, and sampling from the full distribution."""
+    problems = []
+    size = getattr(s, group)
+    if size < 2:
+        problems.append(f"{name}.{group}: a group needs at least 2 samples per prompt, got {size}")
+    samples = s.prompts_per_iteration * size
+    if samples > 0 and s.mini_batch_size > samples:
+        problems.append(
+            f"{name}.mini_batch_size: must be <= the samples of an iteration ({name}.prompts_per_iteration x "
+            f"{name}.{group} = {samples}), got {s.mini_batch_size}"
+        )
+    if s.top_p < 1.0 or s.top_k > 0:
+        problems.append(
+            f"{name}.top_p={s.top_p}, {name}.top_k={s.top_k}: the ratios and KL are computed on the full "
+            f"distribution at {name}.temperature, so samples must be drawn from it; use top_p 1.0 and top_k 0"
+        )
+    return problems
+
+
+@dataclass
+class GRPOSection:
+    # default: the last `align reward` output, unless reward functions are named (then only they score)
+    reward_model: str | None = None
+    reward_functions: list[str] = reward_functions()
+    reward_weights: list[float] | None = reward_weights()
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    iterations: int = number("> 0", 20)  # sample + update rounds (training.max_steps overrides)
+    prompts_per_iteration: int = number("> 0", 8)  # over all processes; a prompt's group stays on one
+    num_generations: int = number("> 0", 8)  # G samples per prompt (DeepSeekMath: 64)
+    # prompts per generate call, each with its G samples; batches are seeded by their global index, so
+    # the samples do not depend on the number of processes when it divides each process's prompts
+    prompts_per_batch: int = number("> 0", 8)
+    mini_batch_size: int = number("> 0", 16)  # samples (over all processes) per optimizer step
+    num_iterations: int = number("> 0", 1)  # mu: update passes over each iteration's samples
+    max_new_tokens: int = number("> 0", 64)
+    temperature: float = number("> 0", 1.0)  # samples come from the policy (0 would be greedy)
+    top_p: float = number("(0, 1]", 1.0)
+    top_k: int = number(">= 0", 0)
+    beta: float = number(">= 0", 0.04)  # k3 KL penalty in the loss (DeepSeekMath 0.04); 0: no reference
+    epsilon: float = number("> 0", 0.2)  # clip range of the ratio
+    # grpo: each sequence's token mean, then the mean (the paper); bnpo / dapo: every token of the
+    # mini-batch / of the optimizer step over all processes alike; dr_grpo: sum / (B x max_new_tokens)
+    loss_type: str = choices(*GRPO_LOSS_TYPES, default="grpo")
+    scale_rewards: bool = True  # divide by the group's std; false: Dr. GRPO (Liu et al. 2025)
+    log_samples: int = number(">= 0", 4)  # samples per iteration written to samples.jsonl
+
+    def check(self) -> list[str]:
+        return reward_problems("grpo", self) + _group_problems("grpo", self, "num_generations")
+
+
+@dataclass
+class RLOOSection:
+    # default: the last `align reward` output, unless reward functions are named (then only they score)
+    reward_model: str | None = None
+    reward_functions: list[str] = reward_functions()
+    reward_weights: list[float] | None = reward_weights()
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    iterations: int = number("> 0", 20)  # sample + update rounds (training.max_steps overrides)
+    prompts_per_iteration: int = number("> 0", 8)  # over all processes; a prompt's k samples stay on one
+    k: int = number("> 0", 4)  # samples per prompt (Ahmadian et al.: 2 and 4)
+    prompts_per_batch: int = number("> 0", 8)  # prompts per generate call (as grpo.prompts_per_batch)
+    mini_batch_size: int = number("> 0", 16)  # samples (over all processes) per optimizer step
+    num_iterations: int = number("> 0", 1)  # update passes over each iteration's samples (1: REINFORCE)
+    max_new_tokens: int = number("> 0", 64)
+    temperature: float = number("> 0", 1.0)
+    top_p: float = number("(0, 1]", 1.0)
+    top_k: int = number(">= 0", 0)
+    beta: float = number(">= 0", 0.05)  # reward r - beta * log(pi(y|x) / pi_ref(y|x)); 0: no reference
+    # clip of the sequence ratio pi(y|x) / pi_old(y|x): active only off-policy (after the first update)
+    cliprange: float = number("> 0", 0.2)
+    # none: the leave-one-out advantages as they are; reinforce_pp: then whitened over the whole batch of
+    # every process (REINFORCE++, Hu 2025)
+    normalize: str = choices("none", "reinforce_pp", default="none")
+    log_samples: int = number(">= 0", 4)  # samples per iteration written to samples.jsonl
+
+    def check(self) -> list[str]:
+        return reward_problems("rloo", self) + _group_problems("rloo", self, "k")

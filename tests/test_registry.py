@@ -90,9 +90,10 @@ def test_every_stage_has_a_command_a_memory_plan_and_a_recipe_section():
 
 
 def test_allowed_values_are_the_code_tables():
-    from align_cli.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
+    from align_cli.losses import GRPO_LOSS_TYPES, KL_ESTIMATORS, PREFERENCE_LOSSES
 
     assert sections.DPO_LOSS_TYPES == tuple(PREFERENCE_LOSSES)
+    assert sections.GRPO_LOSS_TYPES == GRPO_LOSS_TYPES
     assert sections.KL_ESTIMATORS == KL_ESTIMATORS
 
 
@@ -169,6 +170,20 @@ def settings(stage: str, tmp: Path, review_models: dict[str, Path]) -> list[tupl
                 ]
                 + ["ppo.ptx_coef=0.5"],
             ),
+        ]
+    if stage in ("grpo", "rloo"):
+        group = "num_generations" if stage == "grpo" else "k"
+        small = [
+            f"{stage}.prompts_per_iteration=2",
+            f"{stage}.{group}=2",
+            f"{stage}.mini_batch_size=2",
+            f"{stage}.max_new_tokens=6",
+            f"{stage}.reward_model={rm}",
+        ]
+        variant = ["grpo.loss_type=dr_grpo"] if stage == "grpo" else ["rloo.normalize=reinforce_pp"]
+        return [
+            (tiny, prompts, ["training.max_steps=2", "training.save_every=1", *small]),
+            (tiny, prompts, [f"{stage}.iterations=1", *small, *LORA, *variant]),
         ]
     if stage == "rejection-sample":
         rs = [

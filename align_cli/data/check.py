@@ -21,7 +21,7 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.recipe import Recipe
 
-PROMPT_STAGES = ("ppo", "rejection-sample")
+PROMPT_STAGES = ("ppo", "rejection-sample", "grpo", "rloo")
 STAGE_KINDS = {
     "sft": SFT_KINDS + PREFERRED_FT_KINDS,
     "reward": ("preference", "ranked"),

@@ -100,3 +100,11 @@ def plot_metrics(log: MetricsLog, keys: list[str], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def keep_samples_until(path: Any, iteration: int) -> None:
+    """On resume, samples.jsonl keeps the iterations the checkpoint covers (the rest are redone)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_rows(path) if r.get("iteration", 0) <= iteration]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -48,6 +48,10 @@ FREE = {
     "training.nan_policy",
     "model.gradient_checkpointing",
     "ppo.log_samples",
+    "grpo.iterations",
+    "grpo.log_samples",
+    "rloo.iterations",
+    "rloo.log_samples",
 }
 # not even with --resume-with-changes: the checkpoint holds state that belongs to the old value
 _WEIGHTS = "the checkpoint holds the weights of the model these keys describe"
@@ -67,8 +71,18 @@ _STAGE_SECTION = {
     "dpo": "dpo",
     "ppo": "ppo",
     "rejection-sample": "rejection",
+    "grpo": "grpo",
+    "rloo": "rloo",
 }
-_DATA_FILES = ("data.train", "data.eval", "ppo.prompts", "ppo.ptx_data", "rejection.prompts")
+_DATA_FILES = (
+    "data.train",
+    "data.eval",
+    "ppo.prompts",
+    "ppo.ptx_data",
+    "rejection.prompts",
+    "grpo.prompts",
+    "rloo.prompts",
+)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,32 @@ _PROMPTS = "prompts come from one prompt file"
 _BATCH = "on-policy batches are set by ppo.rollout_batch_size and ppo.mini_batch_size"
 _REWARD_MODEL_HELP = "Reward model (default: the last `align reward` output)."
 
+
+def _group_unread(name: str) -> dict[str, str]:
+    """The common keys GRPO and RLOO do not read (as PPO: prompts in, on-policy batches)."""
+    batch = f"on-policy batches are set by {name}.prompts_per_iteration and {name}.mini_batch_size"
+    return {
+        "training.epochs": f"{name} runs {name}.iterations (or training.max_steps) iterations",
+        "training.micro_batch_size": batch,
+        "training.grad_accum": batch,
+        "training.eval_every": f"{name} has no eval set; it logs every iteration",
+        "training.log_every": f"{name} logs every iteration",
+        "data.eval": _PROMPTS,
+        "data.eval_fraction": _PROMPTS,
+        "data.format": _PROMPTS,
+        "data.on_too_long": f"a prompt longer than data.max_length - {name}.max_new_tokens is dropped",
+        "data.packing": "samples are padded",
+        "data.group_by_length": "samples are grouped by length always",
+    }
+
+
+def _group_flags(name: str) -> tuple[Flag, ...]:
+    return (
+        Flag("--prompts", f"{name}.prompts", str, f"Prompt JSONL ({name}.prompts)."),
+        Flag("--reward-model", f"{name}.reward_model", str, _REWARD_MODEL_HELP),
+    )
+
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -197,6 +223,41 @@ STAGES: dict[str, Stage] = {
                 Flag("--prompts", "ppo.prompts", str, "Prompt JSONL (ppo.prompts)."),
                 Flag("--reward-model", "ppo.reward_model", str, _REWARD_MODEL_HELP),
             ),
+        ),
+        Stage(
+            "grpo",
+            "grpo",
+            "grpo",
+            S.GRPOSection,
+            "GRPO (DeepSeekMath): G samples per prompt, advantages against the group, clipped loss with a "
+            "k3 KL penalty; no value model.\n\n--max-steps counts iterations (sample + updates). "
+            "grpo.scale_rewards: false is Dr. GRPO; grpo.loss_type picks the token normalisation (grpo, "
+            "bnpo, dapo, dr_grpo); grpo.beta: 0 loads no reference model. Metrics per iteration in "
+            "metrics.csv; a few samples per iteration in samples.jsonl.",
+            (
+                "align grpo --prompts examples/data/prompts.jsonl      (last sft and reward)",
+                "align grpo -r recipes/grpo-tiny.yaml --set grpo.num_generations=8 --set grpo.beta=0",
+                "align grpo -r recipes/grpo-tiny.yaml --set grpo.scale_rewards=false "
+                "--set grpo.loss_type=dr_grpo      (Dr. GRPO)",
+            ),
+            unread=_group_unread("grpo"),
+            flags=_group_flags("grpo"),
+        ),
+        Stage(
+            "rloo",
+            "rloo",
+            "rloo",
+            S.RLOOSection,
+            "RLOO (Ahmadian et al.): k samples per prompt, REINFORCE with the leave-one-out baseline, the KL "
+            "penalty in the reward; no value model.\n\n--max-steps counts iterations (sample + updates). "
+            "rloo.normalize: reinforce_pp whitens the advantages over the whole batch (REINFORCE++); "
+            "rloo.beta: 0 loads no reference model.",
+            (
+                "align rloo --prompts examples/data/prompts.jsonl      (last sft and reward)",
+                "align rloo -r recipes/rloo-tiny.yaml --set rloo.k=4 --set rloo.normalize=reinforce_pp",
+            ),
+            unread=_group_unread("rloo"),
+            flags=_group_flags("rloo"),
         ),
     )
 }

@@ -21,7 +21,7 @@ from align_cli.data.prompts import fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats, tokenize_sft
-from align_cli.engine.metrics import read_rows
+from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
@@ -30,14 +30,6 @@ from align_cli.models import count_parameters, load_tokenizer, save_model
 from align_cli.ppo_core import PPO, load_models
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.runs import last_output, peak_memory_mb
-
-
-def keep_samples_until(path: Any, iteration: int) -> None:
-    """On resume, samples.jsonl keeps the iterations the checkpoint covers (the rest are redone)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_rows(path) if r.get("iteration", 0) <= iteration]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _resolve(recipe: Recipe) -> tuple[str, str, str]:
