@@ -389,7 +389,7 @@ def test_issue15_item16_ppo_names_the_iteration_prompts_and_keys(tmp_path: Path)
 def test_issue15_item17_code_named_in_a_recipe_is_documented_as_code_execution():
     said = "runs it as Python code"
     commands = (["eval", "--help"], ["frontier", "--help"], ["pipeline", "--help"])
-    for command in (*commands, ["rejection-sample", "--help"]):  # reward functions (issue 18, item 1)
+    for command in (*commands, *([stage, "--help"] for stage in ("rejection-sample", "grpo", "rloo"))):
         code, text = cli(command)
         assert code == 0 and said in text, command
     for doc in (ROOT / "README.md", ROOT / "docs" / "reliability.md"):

@@ -51,6 +51,13 @@ class Stage:
 
 _PROMPTS = "prompts come from one prompt file"
 _BATCH = "on-policy batches are set by ppo.rollout_batch_size and ppo.mini_batch_size"
+# the reward of the on-policy stages: what it can be, and that a reward function is code
+_REWARD_SOURCES = (
+    "\n\nThe reward: a reward model and/or Python reward functions ({stage}.reward_functions: "
+    "file.py:function or module:function, TRL's GRPO convention; {stage}.reward_weights). A reward "
+    "function is code: align imports it and runs it as Python code with your rights; name only code you "
+    "trust."
+)
 _REWARD_MODEL_HELP = "Reward model (default: the last `align reward` output)."
 
 
@@ -233,7 +240,8 @@ STAGES: dict[str, Stage] = {
             "k3 KL penalty; no value model.\n\n--max-steps counts iterations (sample + updates). "
             "grpo.scale_rewards: false is Dr. GRPO; grpo.loss_type picks the token normalisation (grpo, "
             "bnpo, dapo, dr_grpo); grpo.beta: 0 loads no reference model. Metrics per iteration in "
-            "metrics.csv; a few samples per iteration in samples.jsonl.",
+            "metrics.csv; a few samples per iteration in samples.jsonl."
+            + _REWARD_SOURCES.format(stage="grpo"),
             (
                 "align grpo --prompts examples/data/prompts.jsonl      (last sft and reward)",
                 "align grpo -r recipes/grpo-tiny.yaml --set grpo.num_generations=8 --set grpo.beta=0",
@@ -251,7 +259,7 @@ STAGES: dict[str, Stage] = {
             "RLOO (Ahmadian et al.): k samples per prompt, REINFORCE with the leave-one-out baseline, the KL "
             "penalty in the reward; no value model.\n\n--max-steps counts iterations (sample + updates). "
             "rloo.normalize: reinforce_pp whitens the advantages over the whole batch (REINFORCE++); "
-            "rloo.beta: 0 loads no reference model.",
+            "rloo.beta: 0 loads no reference model." + _REWARD_SOURCES.format(stage="rloo"),
             (
                 "align rloo --prompts examples/data/prompts.jsonl      (last sft and reward)",
                 "align rloo -r recipes/rloo-tiny.yaml --set rloo.k=4 --set rloo.normalize=reinforce_pp",
