@@ -55,6 +55,8 @@ class EvaluateSection:
     seed: int = 0
     methods: dict[str, list[str]] = field(default_factory=dict)  # series -> stage names (sweeps expand)
     best_of_n: list[int] = field(default_factory=list)
+    # the comparison at equal KL: each method's best reward with KL(policy || reference) <= each budget
+    kl_budgets: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0])
 
 
 @dataclass
@@ -242,11 +244,32 @@ def run_frontier(recipe: PipelineRecipe, console: Console) -> list[dict[str, Any
         console.print(f"evaluating best-of-N for N in {ev.best_of_n} ...")
         for row in evaluator.best_of_n(ev.best_of_n):
             rows.append({"method": "Best-of-N", "run": f"best-of-{row['n']}", "param": row["n"], **row})
-    write_frontier(rows, root, console)
+    write_frontier(rows, root, console, ev.kl_budgets)
     return rows
 
 
-def write_frontier(rows: list[dict[str, Any]], root: Path, console: Console) -> None:
+def best_within_kl(rows: list[dict[str, Any]], budgets: list[float]) -> list[dict[str, Any]]:
+    """Per method and KL budget B (nats): the best reward among its runs with KL(policy || reference) <= B
+    (the ground-truth reward when the frontier measured one, else the reward model's score), the run that
+    reached it and its KL; None where no run of the method stays within B. The frontier as a table: which
+    method gets the most reward for the same divergence from the reference (DPO paper, Figure 2)."""
+    metric = "reward" if any(r.get("reward") is not None for r in rows) else "rm_score"
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [
+            r for r in rows if r["method"] == method and r.get(metric) is not None and r.get("kl") is not None
+        ]
+        for budget in budgets:
+            best = max((r for r in runs if r["kl"] <= budget), key=lambda r: r[metric], default=None)
+            found = (best[metric], best["run"], best["kl"]) if best else (None, None, None)
+            out.append(dict(zip(("method", "budget", "reward", "run", "kl"), (method, budget, *found))))
+            out[-1]["metric"] = metric
+    return out
+
+
+def write_frontier(
+    rows: list[dict[str, Any]], root: Path, console: Console, kl_budgets: list[float] | None = None
+) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -263,8 +286,28 @@ def write_frontier(rows: list[dict[str, Any]], root: Path, console: Console) -> 
     for row in rows:
         table.add_row(*[fmt(row[c]) if c in row and row[c] is not None else "" for c in shown])
     console.print(table)
+    if kl_budgets:
+        write_kl_budgets(best_within_kl(rows, kl_budgets), kl_budgets, root, console)
     plot_frontier(rows, root / "frontier.png")
     console.print(f"wrote {root / 'frontier.csv'} and {root / 'frontier.png'}")
+
+
+def write_kl_budgets(best: list[dict[str, Any]], budgets: list[float], root: Path, console: Console) -> None:
+    """frontier_kl.csv and a table: a row per method, a column per KL budget, "reward (run)" in each cell."""
+    with (root / "frontier_kl.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["method", "budget", "metric", "reward", "run", "kl"])
+        writer.writeheader()
+        writer.writerows(best)
+    metric = best[0]["metric"] if best else "reward"
+    table = Table(title=f"best {metric} within a KL budget (nats; KL to the reference)")
+    table.add_column("method")
+    for budget in budgets:
+        table.add_column(f"KL <= {budget:g}", justify="right")
+    for method in dict.fromkeys(b["method"] for b in best):
+        cells = {b["budget"]: b for b in best if b["method"] == method}
+        shown = [cells[b] for b in budgets]
+        table.add_row(method, *[f"{fmt(c['reward'])} ({c['run']})" if c["run"] else "-" for c in shown])
+    console.print(table)
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:

@@ -98,3 +98,30 @@ def test_pipeline_recipe_errors_are_listed(tmp_path: Path):
         load_pipeline(bad)
     text = str(info.value)
     assert "'train' is not one of" in text and "'a' is used twice" in text and "extra: unknown key" in text
+
+
+def test_frontier_reports_the_best_reward_of_each_method_within_each_kl_budget():
+    """Issue 18: the comparison at equal KL is a table. Per method and budget B: the highest reward among
+    its runs with KL <= B (ground truth when measured, else the RM score), and which run; none below B."""
+    from align_cli.pipeline import best_within_kl
+
+    rows = [
+        {"method": "SFT", "run": "sft", "reward": 0.50, "kl": 0.0},
+        {"method": "DPO", "run": "dpo-1", "reward": 0.90, "kl": 9.7},
+        {"method": "DPO", "run": "dpo-0.2", "reward": 0.96, "kl": 14.1},
+        {"method": "PPO", "run": "ppo-0.2", "reward": 0.84, "kl": 5.6},
+        {"method": "PPO", "run": "ppo-0.5", "reward": 0.70, "kl": 1.5},
+        {"method": "PPO", "run": "ppo-1", "reward": 0.75, "kl": 0.9},  # higher reward at lower KL wins
+        {"method": "Best-of-N", "run": "best-of-4", "reward": 0.74, "kl": 0.66},
+        {"method": "Best-of-N", "run": "best-of-16", "reward": 0.85, "kl": 1.95},
+    ]
+    table = {(r["method"], r["budget"]): (r["reward"], r["run"]) for r in best_within_kl(rows, [1, 2, 5, 10])}
+    assert table[("SFT", 1)] == (0.50, "sft") and table[("SFT", 10)] == (0.50, "sft")
+    assert table[("DPO", 5)] == (None, None) and table[("DPO", 10)] == (0.90, "dpo-1")
+    assert table[("PPO", 1)] == (0.75, "ppo-1") and table[("PPO", 2)] == (0.75, "ppo-1")
+    assert table[("PPO", 5)] == (0.75, "ppo-1") and table[("PPO", 10)] == (0.84, "ppo-0.2")
+    assert table[("Best-of-N", 1)] == (0.74, "best-of-4") and table[("Best-of-N", 2)] == (0.85, "best-of-16")
+    rm_only = [{"method": "DPO", "run": "dpo-1", "rm_score": 6.7, "kl": 9.7}]
+    assert best_within_kl(rm_only, [10]) == [
+        {"method": "DPO", "budget": 10, "reward": 6.7, "run": "dpo-1", "kl": 9.7, "metric": "rm_score"}
+    ]
