@@ -160,3 +160,10 @@ def split_prompt(rng: random.Random, review: str, k: int | None = None) -> tuple
     k = k or rng.randint(2, min(8, len(opening_words) - 1))
     words = review.split(" ")
     return " ".join(words[:k]), " " + " ".join(words[k:])
+
+
+def sentiment_reward(prompts: list, completions: list[str], **columns: list) -> list[float]:
+    """The ground truth as a reward function (TRL's convention, align_cli/rewards.py): each completion's
+    sentiment, as the frontier's evaluation scores it. Labels the DPO paper's own pairs: samples of the
+    SFT model, the better one by the ground truth."""
+    return [sentiment(c) for c in completions]
