@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from typing import Any
 
 LEXICON = {
     # positive
@@ -122,6 +123,12 @@ def sentiment(text: str) -> float:
     """Ground-truth reward: p(positive) = sigmoid(sum of lexicon scores of the words in ``text``)."""
     total = sum(LEXICON.get(w, 0.0) for w in _WORD.findall(text.lower()))
     return 1.0 / (1.0 + math.exp(-total))
+
+
+def sentiment_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+    """``sentiment`` of prompt + completion, as a reward function in TRL's convention (align_cli/rewards.py):
+    the ground truth labels pairs directly, as in the DPO paper's sentiment experiment."""
+    return [sentiment(f"{p}{c}") for p, c in zip(prompts, completions)]
 
 
 def _adjective(rng: random.Random, tone: float) -> str:
