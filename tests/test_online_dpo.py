@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from align_cli.online_dpo_core import make_pairs
 from align_cli.recipe import RecipeError, load_recipe
 from align_cli.stages.online_dpo import run_online_dpo
 from tests.conftest import EXAMPLES, ROOT
-from tests.helpers import metric_rows, quiet_console
+from tests.helpers import metric_rows, quiet_console, weights
 
 LEARN = [
     "online_dpo.prompts_per_iteration=8",
@@ -25,7 +27,7 @@ LEARN = [
 ]
 
 
-def online_dpo(models: dict, out: Path, *sets: str) -> dict:
+def online_dpo(models: dict, out: Path, *sets: str, resume: bool = False) -> dict:
     overrides = {
         "model.name_or_path": str(models["sft"]),
         "online_dpo.reward_model": str(models["reward"]),
@@ -33,7 +35,7 @@ def online_dpo(models: dict, out: Path, *sets: str) -> dict:
         "output.dir": str(out),
     }
     recipe = load_recipe(ROOT / "recipes" / "online-dpo-tiny.yaml", overrides, list(sets))
-    return run_online_dpo(recipe, console=quiet_console())
+    return run_online_dpo(recipe, resume=resume, console=quiet_console())
 
 
 def test_pairs_are_best_against_worst_of_each_prompt_and_ties_are_counted():
@@ -75,6 +77,25 @@ def test_first_step_starts_at_the_reference(review_models, tmp_path: Path):
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert row["dpo/rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert row["dpo/rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_online_dpo_resume_is_exact(review_models, tmp_path: Path, runs_dir: Path):
+    sets = [*LEARN, "training.max_steps=4", "training.save_every=2", "online_dpo.max_new_tokens=12"]
+    straight = tmp_path / "straight"
+    online_dpo(review_models, straight, *sets)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-0000002", resumed / "checkpoint-0000002")
+    lines = (straight / "metrics.jsonl").read_text().splitlines()[:2]
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    online_dpo(review_models, resumed, *sets, resume=True)
+    a, b = metric_rows(straight), metric_rows(resumed)
+    assert len(b) == 4
+    for key in ("reward/mean", "pairs", "loss", "dpo/rewards/margin"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
+    wa, wb = weights(straight / "final"), weights(resumed / "final")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
 
 
 def test_online_dpo_needs_two_samples_per_prompt(tmp_path: Path):
