@@ -141,7 +141,7 @@ def test_shipped_offline_dpo_recipe_names_the_pairs_of_its_rejection_stage(tmp_p
 
     recipe = load_pipeline(ROOT / "examples" / "sentiment" / "offline-dpo.yaml")
     runs = {name: sets for name, _, sets, _ in expand(recipe.stages)}
-    assert list(runs) == ["sft", "pairs", "dpo"]
+    assert list(runs) == ["sft", "pairs", "dpo", "online-dpo"]
     finals = {"sft": tmp_path / "sft" / "final", "pairs": tmp_path / "pairs" / "final"}
     dirs = {"sft": tmp_path / "sft", "pairs": tmp_path / "pairs"}
     assert f"data.train={tmp_path / 'pairs' / 'pairs.jsonl'}" in _resolve_sets(runs["dpo"], finals, dirs)
