@@ -101,3 +101,12 @@ def test_online_dpo_resume_is_exact(review_models, tmp_path: Path, runs_dir: Pat
 def test_online_dpo_needs_two_samples_per_prompt(tmp_path: Path):
     with pytest.raises(RecipeError, match="online_dpo.num_generations"):
         load_recipe(ROOT / "recipes" / "online-dpo-tiny.yaml", None, ["online_dpo.num_generations=1"])
+
+
+def test_several_processes_are_refused_before_any_model_loads(
+    review_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="one process"):
+        online_dpo(review_models, tmp_path / "run", *LEARN)
+    assert not (tmp_path / "run").exists()
