@@ -37,6 +37,19 @@ def select(
     return [i for i in order if rewards[i] >= threshold]
 
 
+def best_worst_pair(rewards: list[float], texts: list[str]) -> tuple[int, int] | None:
+    """A DPO pair from one prompt's samples: (index of the highest reward, index of the lowest), the
+    first of equals; None when the two tie (same reward, or the same text): such a pair states no
+    preference. The caller passes only samples fit for a pair and counts the ties."""
+    if len(rewards) < 2:
+        return None
+    best = max(range(len(rewards)), key=lambda i: rewards[i])
+    worst = min(range(len(rewards)), key=lambda i: rewards[i])
+    if not rewards[best] > rewards[worst] or texts[best] == texts[worst]:
+        return None
+    return best, worst
+
+
 def best_of_n_weights(total: int, n: int) -> list[float]:
     """Weights w_1..w_N of the ascending-sorted rewards r_(1) <= ... <= r_(N) of N samples such that
     sum_i w_i r_(i) is the expected best of n samples drawn from them without replacement:

@@ -182,6 +182,14 @@ def _shape(recipe: Recipe, processes: int) -> tuple[int, int, str]:
             d.max_length,
             f"micro-batch {t.micro_batch_size} pairs x {d.max_length}",
         )
+    if stage == "online-dpo":  # every sampled pair is two rows of prompt + response
+        o = recipe.online_dpo
+        seq = (d.max_prompt_length or d.max_length) + o.max_new_tokens
+        return (
+            2 * o.mini_batch_size,
+            seq,
+            f"mini-batch {o.mini_batch_size} pairs x (prompt + {o.max_new_tokens} new) {seq}",
+        )
     on_policy = recipe.ppo if stage == "ppo" else _group_section(recipe)
     if on_policy is not None:
         rows = max(1, on_policy.mini_batch_size // processes)
@@ -256,9 +264,15 @@ def estimate(
     est.parameters += sum(p.numel() for model in frozen.values() for p in model.parameters())
     sampling: list[Component] = []
     group = _group_section(recipe)
-    if recipe.stage in ("ppo", "rejection-sample") or group is not None:
+    if recipe.stage in ("ppo", "rejection-sample", "online-dpo") or group is not None:
         if recipe.stage == "ppo":
             rows, new = max(1, recipe.ppo.rollout_batch_size // processes), recipe.ppo.max_new_tokens
+        elif recipe.stage == "online-dpo":
+            o = recipe.online_dpo
+            rows, new = (
+                min(o.prompts_per_batch, o.prompts_per_iteration) * o.num_generations,
+                o.max_new_tokens,
+            )
         elif group is not None:  # one generate call: prompts_per_batch prompts with their samples
             prompts = min(group.prompts_per_batch, max(1, group.prompts_per_iteration // processes))
             rows, new = prompts * _group_size(group), group.max_new_tokens
@@ -436,6 +450,7 @@ def plan_recipe(
         "rejection-sample": recipe.rejection,
         "grpo": recipe.grpo,
         "rloo": recipe.rloo,
+        "online-dpo": recipe.online_dpo,
     }.get(recipe.stage or "")
     reward = scored.reward_model if scored is not None else None
     if scored is not None and reward is None and uses_reward_model(scored):  # functions alone: no model
@@ -482,6 +497,13 @@ def batch_arithmetic(recipe: Recipe, processes: int) -> str:
         return (
             f"{p.rollout_batch_size} rollouts per iteration over {processes} process(es), "
             f"{p.ppo_epochs} epoch(s) of mini-batches of {p.mini_batch_size}"
+        )
+    if recipe.stage == "online-dpo":
+        o = recipe.online_dpo
+        return (
+            f"{o.prompts_per_iteration} prompts x {o.num_generations} samples per iteration -> at most "
+            f"{o.prompts_per_iteration} pairs, {o.num_epochs} epoch(s) of mini-batches of "
+            f"{o.mini_batch_size} pairs"
         )
     group = _group_section(recipe)
     if group is not None:

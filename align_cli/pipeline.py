@@ -1,13 +1,14 @@
 """`align pipeline` and `align frontier`: several stages from one recipe, then their evaluation.
 
 A pipeline recipe lists stages, each a stage recipe plus ``--set`` style overrides; ``@name`` in a
-value stands for the final model of an earlier stage, so outputs chain explicitly. A stage may sweep
-one key over several values (e.g. dpo.beta), becoming one run per value. Every stage runs in its own
-directory under ``output``, named after the stage (a plain name, so no stage writes outside it); a stage
-whose directory already holds a finished run (summary and complete final model) is not run again, and
-an interrupted one resumes from its last checkpoint (rejection sampling: after its finished rounds).
-`align frontier` then evaluates every policy against the reference and plots reward against KL, one
-series per method (DPO paper, Figure 2 left).
+value stands for the final model of an earlier stage, and ``@name/FILE`` for a file of its run folder
+(``@pairs/pairs.jsonl``: a rejection-sample stage's preference pairs), so outputs chain explicitly.
+A stage may sweep one key over several values (e.g. dpo.beta), becoming one run per value. Every
+stage runs in its own directory under ``output``, named after the stage (a plain name, so no stage
+writes outside it); a stage whose directory already holds a finished run (summary and complete final
+model) is not run again, and an interrupted one resumes from its last checkpoint (rejection sampling:
+after its finished rounds). `align frontier` then evaluates every policy against the reference and
+plots reward against KL, one series per method (DPO paper, Figure 2 left).
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
     if errors:
         raise RecipeError(f"pipeline recipe {p}: {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
     finals: dict[str, Path] = {}  # every stage's recipe is checked before any stage runs
+    dirs: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
         try:
-            load_recipe(entry.recipe, None, _resolve_sets(sets, finals), stage=entry.stage)
+            load_recipe(entry.recipe, None, _resolve_sets(sets, finals, dirs), stage=entry.stage)
         except RecipeError as exc:
             raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
-        finals[name] = stage_dir(Path(recipe.output), index, name) / "final"  # a stand-in for its output
+        dirs[name] = stage_dir(Path(recipe.output), index, name)
+        finals[name] = dirs[name] / "final"  # a stand-in for its output
     return recipe
 
 
@@ -137,21 +140,29 @@ def expand(entries: list[StageEntry]) -> list[tuple[str, StageEntry, list[str], 
     return runs
 
 
-def _resolve_refs(value: str, finals: dict[str, Path]) -> str:
+def _resolve_refs(value: str, finals: dict[str, Path], dirs: dict[str, Path] | None = None) -> str:
+    """``@name``: the final model of the earlier stage ``name``; ``@name/FILE``: a file of its run folder
+    (e.g. ``@pairs/pairs.jsonl``, the preference pairs a rejection-sample stage wrote)."""
     if value.startswith("@"):
-        name = value[1:]
+        name, slash, rest = value[1:].partition("/")
         if name not in finals:
             raise RecipeError(f"{value}: no earlier stage is named {name!r}")
-        return str(finals[name])
+        if not slash:
+            return str(finals[name])
+        if not rest or ".." in Path(rest).parts or Path(rest).is_absolute():
+            raise RecipeError(f"{value}: expected @{name}/FILE, a file inside that stage's run folder")
+        if dirs is None:
+            raise RecipeError(f"{value}: only a stage's settings can name a file of another stage")
+        return str(dirs[name] / rest)
     return value
 
 
-def _resolve_sets(sets: list[str], finals: dict[str, Path]) -> list[str]:
-    """``key=@name`` -> ``key=<that stage's final model>``."""
+def _resolve_sets(sets: list[str], finals: dict[str, Path], dirs: dict[str, Path] | None = None) -> list[str]:
+    """``key=@name`` -> ``key=<that stage's final model>``; ``key=@name/FILE`` -> a file of its folder."""
     resolved = []
     for item in sets:
         key, _, value = item.partition("=")
-        resolved.append(f"{key}={_resolve_refs(value.strip(), finals)}")
+        resolved.append(f"{key}={_resolve_refs(value.strip(), finals, dirs)}")
     return resolved
 
 
@@ -174,8 +185,9 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     os.environ["ALIGN_RUNS_DIR"] = str(root / "runs")  # chaining by default stays inside the pipeline
     finals: dict[str, Path] = {}
+    dirs: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
-        run_dir = stage_dir(root, index, name)
+        run_dir = dirs[name] = stage_dir(root, index, name)
         done = _final_of(run_dir)
         if done is not None:
             console.print(f"[dim]pipeline: {name} already finished ({run_dir}); not run again[/]")
@@ -184,7 +196,7 @@ def run_pipeline(recipe: PipelineRecipe, console: Console) -> dict[str, Path]:
         stage_recipe = load_recipe(
             entry.recipe,
             {"output.dir": str(run_dir)},
-            [*_resolve_sets(sets, finals), "output.overwrite=true"],
+            [*_resolve_sets(sets, finals, dirs), "output.overwrite=true"],
             stage=entry.stage,
         )
         console.rule(f"pipeline: {name} ({entry.stage})")

@@ -442,3 +442,43 @@ class RLOOSection:
 
     def check(self) -> list[str]:
         return reward_problems("rloo", self) + _group_problems("rloo", self, "k")
+
+
+# online_dpo.loss_type: the pairwise variants of losses.PREFERENCE_LOSSES that read the frozen reference
+ONLINE_DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class OnlineDPOSection:
+    # default: the last `align reward` output, unless reward functions are named (then only they score)
+    reward_model: str | None = None
+    reward_functions: list[str] = reward_functions()
+    reward_weights: list[float] | None = reward_weights()
+    prompts: str | None = None  # prompt JSONL; default: data.train
+    iterations: int = number("> 0", 20)  # sample + update rounds (training.max_steps overrides)
+    prompts_per_iteration: int = number("> 0", 8)
+    num_generations: int = number("> 0", 4)  # samples per prompt; the pair is the best vs the worst
+    prompts_per_batch: int = number("> 0", 8)  # prompts per generate call, each with its samples
+    mini_batch_size: int = number("> 0", 8)  # pairs per optimizer step
+    num_epochs: int = number("> 0", 1)  # update passes over one iteration's pairs
+    max_new_tokens: int = number("> 0", 64)
+    temperature: float = number("> 0", 1.0)  # samples come from the policy (0 would be greedy)
+    top_p: float = number("(0, 1]", 1.0)
+    top_k: int = number(">= 0", 0)
+    beta: float = number("> 0", 0.1)  # DPO's beta: strength of the implicit KL constraint to pi_ref
+    loss_type: str = choices(*ONLINE_DPO_LOSS_TYPES, default="sigmoid")
+    label_smoothing: float = number("[0, 0.5)", 0.0)  # conservative DPO (loss_type sigmoid)
+    log_samples: int = number(">= 0", 4)  # pairs per iteration written to samples.jsonl
+
+    def check(self) -> list[str]:
+        problems = reward_problems("online_dpo", self)
+        if self.num_generations < 2:
+            problems.append(
+                f"online_dpo.num_generations: a pair needs at least 2 samples per prompt, got "
+                f"{self.num_generations}"
+            )
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            problems.append(
+                f"online_dpo.label_smoothing: for loss_type sigmoid (conservative DPO), not {self.loss_type}"
+            )
+        return problems

@@ -15,7 +15,9 @@ runner = CliRunner()
 COMMON_FLAGS = ("--recipe", "--model", "--data", "--out", "--set", "--resume", "--seed", "--max-steps")
 
 
-@pytest.mark.parametrize("command", ["sft", "reward", "dpo", "rejection-sample", "ppo", "grpo", "rloo"])
+@pytest.mark.parametrize(
+    "command", ["sft", "reward", "dpo", "rejection-sample", "ppo", "grpo", "rloo", "online-dpo"]
+)
 def test_every_training_command_takes_the_common_flags(command: str):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output

@@ -125,3 +125,52 @@ def test_frontier_reports_the_best_reward_of_each_method_within_each_kl_budget()
     assert best_within_kl(rm_only, [10]) == [
         {"method": "DPO", "budget": 10, "reward": 6.7, "run": "dpo-1", "kl": 9.7, "metric": "rm_score"}
     ]
+
+
+def test_offline_dpo_pipeline_trains_on_the_pairs_rejection_sampling_wrote(review_models, tmp_path: Path):
+    """sampled pairs -> DPO, chained by @pairs/pairs.jsonl (examples/sentiment/offline-dpo.yaml's shape)."""
+    stages = [
+        {
+            "name": "pairs",
+            "stage": "rejection-sample",
+            "set": [
+                f"model.name_or_path={review_models['sft']}",
+                f"rejection.reward_model={review_models['reward']}",
+                f"rejection.prompts={ROOT / 'examples' / 'data' / 'prompts.jsonl'}",
+                "rejection.n=4",
+                "rejection.max_prompts=16",
+                "rejection.max_new_tokens=24",
+            ],
+        },
+        {
+            "name": "dpo",
+            "stage": "dpo",
+            "set": [
+                f"model.name_or_path={review_models['sft']}",
+                "data.train=@pairs/pairs.jsonl",
+                "training.max_steps=2",
+                "training.micro_batch_size=4",
+            ],
+        },
+    ]
+    path = tmp_path / "offline-dpo.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp_path / "out"), "stages": stages}))
+    run_pipeline(load_pipeline(path), quiet_console())
+    pairs = (tmp_path / "out" / "01-pairs" / "pairs.jsonl").read_text().splitlines()
+    dpo = json.loads((tmp_path / "out" / "02-dpo" / "summary.json").read_text())
+    assert pairs and dpo["data"]["train"]["kept"] == len(pairs)
+    resolved = yaml.safe_load((tmp_path / "out" / "02-dpo" / "recipe.yaml").read_text())
+    assert resolved["data"]["train"] == str(tmp_path / "out" / "01-pairs" / "pairs.jsonl")
+
+
+def test_shipped_offline_dpo_recipe_names_the_pairs_of_its_rejection_stage(tmp_path: Path):
+    from align_cli.pipeline import _resolve_sets, expand
+
+    recipe = load_pipeline(ROOT / "examples" / "sentiment" / "offline-dpo.yaml")
+    runs = {name: sets for name, _, sets, _ in expand(recipe.stages)}
+    assert list(runs) == ["sft", "pairs", "dpo", "online-dpo"]
+    finals = {"sft": tmp_path / "sft" / "final", "pairs": tmp_path / "pairs" / "final"}
+    dirs = {"sft": tmp_path / "sft", "pairs": tmp_path / "pairs"}
+    assert f"data.train={tmp_path / 'pairs' / 'pairs.jsonl'}" in _resolve_sets(runs["dpo"], finals, dirs)
+    with pytest.raises(RecipeError, match="inside that stage's run folder"):
+        _resolve_sets(["data.train=@pairs/../x.jsonl"], finals, dirs)

@@ -94,6 +94,8 @@ def test_allowed_values_are_the_code_tables():
 
     assert sections.DPO_LOSS_TYPES == tuple(PREFERENCE_LOSSES)
     assert sections.GRPO_LOSS_TYPES == GRPO_LOSS_TYPES
+    # online DPO: the pairwise variants with a reference
+    assert all(PREFERENCE_LOSSES[k].reference for k in sections.ONLINE_DPO_LOSS_TYPES)
     assert sections.KL_ESTIMATORS == KL_ESTIMATORS
 
 
@@ -184,6 +186,18 @@ def settings(stage: str, tmp: Path, review_models: dict[str, Path]) -> list[tupl
         return [
             (tiny, prompts, ["training.max_steps=2", "training.save_every=1", *small]),
             (tiny, prompts, [f"{stage}.iterations=1", *small, *LORA, *variant]),
+        ]
+    if stage == "online-dpo":
+        small = [
+            "online_dpo.prompts_per_iteration=2",
+            "online_dpo.num_generations=2",
+            "online_dpo.mini_batch_size=2",
+            "online_dpo.max_new_tokens=6",
+            f"online_dpo.reward_model={rm}",
+        ]
+        return [
+            (tiny, prompts, ["training.max_steps=2", "training.save_every=1", *small]),
+            (tiny, prompts, ["online_dpo.iterations=1", *small, *LORA, "online_dpo.loss_type=ipo"]),
         ]
     if stage == "rejection-sample":
         rs = [

@@ -13,6 +13,7 @@ from align_cli.best_of_n import (
     best_of_n_kl,
     best_of_n_table,
     best_of_n_weights,
+    best_worst_pair,
     expected_best_of_n,
     select,
 )
@@ -134,6 +135,41 @@ def test_best_of_n_selects_higher_reward_and_more_samples_help(review_models, tm
     ) / len(samples)
     pairs = rows(tmp_path / "rs" / "pairs.jsonl")
     assert pairs and all(p["chosen"] != p["rejected"] and p["margin"] > 0 for p in pairs)
+
+
+def test_best_worst_pair_by_hand():
+    assert best_worst_pair([0.2, 0.9, -0.1, 0.5], ["a", "b", "c", "d"]) == (1, 2)
+    assert best_worst_pair([0.3, 0.3, 0.3], ["a", "b", "c"]) is None  # a tie states no preference
+    assert best_worst_pair([0.1, 0.4], ["same", "same"]) is None  # nor do two equal texts
+    assert best_worst_pair([0.7], ["a"]) is None
+
+
+def test_pairs_are_best_vs_worst_of_each_prompts_finished_samples(
+    review_models, tmp_path: Path, runs_dir: Path
+):
+    summary = run_rs(review_models, tmp_path / "rs", "rejection.n=4")
+    samples, pairs = rows(tmp_path / "rs" / "samples.jsonl"), rows(tmp_path / "rs" / "pairs.jsonl")
+    by_prompt: dict[int, list[dict]] = {}
+    for s in samples:
+        if s["finished"] and s["response"].strip():
+            by_prompt.setdefault(s["prompt_id"], []).append(s)
+    assert pairs
+    for pair in pairs:
+        group = by_prompt[pair["prompt_id"]]
+        top, bottom = max(s["reward"] for s in group), min(s["reward"] for s in group)
+        assert pair["chosen_reward"] == top and pair["rejected_reward"] == bottom
+        assert pair["chosen_reward"] > pair["rejected_reward"]
+        assert pair["margin"] == pytest.approx(top - bottom)
+        assert {s["response"] for s in group if s["reward"] == top} >= {pair["chosen"]}
+        assert {s["response"] for s in group if s["reward"] == bottom} >= {pair["rejected"]}
+    figures = summary["rounds"][0]
+    assert figures["pairs"] == len(pairs)
+    # every prompt has a pair, or is counted under one reason for having none
+    tied = sum(len(g) >= 2 and len({s["reward"] for s in g}) == 1 for g in by_prompt.values())
+    too_few = 24 - sum(len(g) >= 2 for g in by_prompt.values())
+    assert figures["pairs_skipped_tied"] == tied
+    assert figures["pairs_skipped_too_few_finished"] == too_few
+    assert figures["pairs"] + tied + too_few == 24
 
 
 def test_same_seed_same_samples_other_seed_other_samples(review_models, tmp_path: Path, runs_dir: Path):

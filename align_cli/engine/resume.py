@@ -52,6 +52,8 @@ FREE = {
     "grpo.log_samples",
     "rloo.iterations",
     "rloo.log_samples",
+    "online_dpo.iterations",
+    "online_dpo.log_samples",
 }
 # not even with --resume-with-changes: the checkpoint holds state that belongs to the old value
 _WEIGHTS = "the checkpoint holds the weights of the model these keys describe"
@@ -73,6 +75,7 @@ _STAGE_SECTION = {
     "rejection-sample": "rejection",
     "grpo": "grpo",
     "rloo": "rloo",
+    "online-dpo": "online_dpo",
 }
 _DATA_FILES = (
     "data.train",
@@ -82,6 +85,7 @@ _DATA_FILES = (
     "rejection.prompts",
     "grpo.prompts",
     "rloo.prompts",
+    "online_dpo.prompts",
 )
 
 

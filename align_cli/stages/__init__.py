@@ -267,6 +267,29 @@ STAGES: dict[str, Stage] = {
             unread=_group_unread("rloo"),
             flags=_group_flags("rloo"),
         ),
+        Stage(
+            "online-dpo",
+            "online_dpo",
+            "online_dpo",
+            S.OnlineDPOSection,
+            "Online DPO: each iteration samples n responses per prompt from the current policy, pairs the "
+            "best against the worst by the reward, and takes DPO steps on them.\n\n--max-steps counts "
+            "iterations (sample + updates). pi_ref is the starting policy (under LoRA: adapters off); "
+            "online_dpo.loss_type sigmoid, ipo or hinge as in `align dpo`. Metrics per iteration in "
+            "metrics.csv (pairs made, prompts skipped for tied rewards); a few pairs per iteration in "
+            "samples.jsonl. The offline loop is rejection-sample -> pairs.jsonl -> dpo "
+            "(examples/sentiment/offline-dpo.yaml).",
+            (
+                "align online-dpo --prompts examples/data/prompts.jsonl      (last sft and reward)",
+                "align online-dpo -r recipes/online-dpo-tiny.yaml --set online_dpo.num_generations=8",
+            ),
+            unread={
+                **_group_unread("online_dpo"),
+                "training.micro_batch_size": "pairs per optimizer step are online_dpo.mini_batch_size",
+                "training.grad_accum": "pairs per optimizer step are online_dpo.mini_batch_size",
+            },
+            flags=_group_flags("online_dpo"),
+        ),
     )
 }
 

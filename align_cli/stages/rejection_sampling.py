@@ -26,7 +26,7 @@ from accelerate import PartialState
 from rich.console import Console
 from rich.table import Table
 
-from align_cli.best_of_n import best_of_n_table, print_round_table, select
+from align_cli.best_of_n import best_of_n_table, best_worst_pair, print_round_table, select
 from align_cli.data.prompts import Prompt, fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
@@ -111,6 +111,7 @@ def run_round(
         ],
     )
     best_rows, pair_rows, no_selection = [], [], 0
+    pair_counts = {"tied": 0, "too_few_finished": 0}  # prompts without a pair, by reason
     for p, idx in enumerate(per_prompt):
         prompt_rewards = [rewards[i] for i in idx]
         ended = [samples[i].finished for i in idx]
@@ -133,20 +134,27 @@ def run_round(
         best_rows += [
             sft_record(prompts[p], texts[idx[c]], ended[c]) | {"reward": prompt_rewards[c]} for c in chosen
         ]
-        # pairs for DPO, which ends both responses with the end marker: samples that ended by themselves
-        whole = [i for i in idx if samples[i].finished]
+        # pairs for DPO, which ends both responses with the end marker: non-empty samples that ended
+        whole = [i for i in idx if samples[i].finished and texts[i].strip()]
         if len(whole) < 2:
+            pair_counts["too_few_finished"] += 1
             continue
-        hi, lo = max(whole, key=lambda i: rewards[i]), min(whole, key=lambda i: rewards[i])
-        if texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo] and rewards[hi] > rewards[lo]:
-            pair_rows.append(
-                {
-                    "prompt": prompts[p].prompt if isinstance(prompts[p].prompt, str) else prompts[p].prompt,
-                    "chosen": texts[hi],
-                    "rejected": texts[lo],
-                    "margin": rewards[hi] - rewards[lo],
-                }
-            )
+        pair = best_worst_pair([rewards[i] for i in whole], [texts[i] for i in whole])
+        if pair is None:
+            pair_counts["tied"] += 1
+            continue
+        hi, lo = whole[pair[0]], whole[pair[1]]
+        pair_rows.append(
+            {
+                "prompt_id": p,
+                "prompt": prompts[p].prompt,
+                "chosen": texts[hi],
+                "rejected": texts[lo],
+                "margin": rewards[hi] - rewards[lo],
+                "chosen_reward": rewards[hi],
+                "rejected_reward": rewards[lo],
+            }
+        )
     write(round_dir / "best.jsonl", best_rows)
     write(round_dir / "pairs.jsonl", pair_rows)
     state.wait_for_everyone()  # e.g. `then: sft` on every process reads best.jsonl next
@@ -160,6 +168,8 @@ def run_round(
         "selected_unfinished": sum(r.get("finished") is False for r in best_rows),
         "prompts_without_selection": no_selection,
         "pairs": len(pair_rows),
+        "pairs_skipped_tied": pair_counts["tied"],
+        "pairs_skipped_too_few_finished": pair_counts["too_few_finished"],
         "eos_rate": sum(s.finished for s in samples) / len(samples),
     }
 
@@ -280,7 +290,8 @@ def run_rejection_sampling(
                 f"round {r}: {figures['eos_rate']:.0%} of samples ended by themselves; selected "
                 f"{figures['selected']} ({figures['selected_unfinished']} cut at max_new_tokens, kept "
                 f"only where no sample of the prompt ended; written without an end marker), "
-                f"{figures['pairs']} pairs"
+                f"{figures['pairs']} pairs (no pair: {figures['pairs_skipped_tied']} prompts whose best and "
+                f"worst tied, {figures['pairs_skipped_too_few_finished']} with fewer than 2 finished samples)"
                 + "".join(f"; {k} {fmt(v)}" for k, v in figures["reward_sources"].items())
             )
             if main:

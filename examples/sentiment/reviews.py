@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from typing import Any
 
 LEXICON = {
     # positive
@@ -124,6 +125,12 @@ def sentiment(text: str) -> float:
     return 1.0 / (1.0 + math.exp(-total))
 
 
+def sentiment_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+    """``sentiment`` of prompt + completion, as a reward function in TRL's convention (align_cli/rewards.py):
+    the ground truth labels pairs directly, as in the DPO paper's sentiment experiment."""
+    return [sentiment(f"{p}{c}") for p, c in zip(prompts, completions)]
+
+
 def _adjective(rng: random.Random, tone: float) -> str:
     draw = rng.uniform(-1, 1)
     if draw < tone - 0.35:
@@ -160,10 +167,3 @@ def split_prompt(rng: random.Random, review: str, k: int | None = None) -> tuple
     k = k or rng.randint(2, min(8, len(opening_words) - 1))
     words = review.split(" ")
     return " ".join(words[:k]), " " + " ".join(words[k:])
-
-
-def sentiment_reward(prompts: list, completions: list[str], **columns: list) -> list[float]:
-    """The ground truth as a reward function (TRL's convention, align_cli/rewards.py): each completion's
-    sentiment, as the frontier's evaluation scores it. Labels the DPO paper's own pairs: samples of the
-    SFT model, the better one by the ground truth."""
-    return [sentiment(c) for c in completions]
