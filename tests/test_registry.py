@@ -31,6 +31,17 @@ NOT_READING = {"to_dict", "asdict", "_asdict_inner", "replace", "deepcopy", "_de
 NOT_READING |= {"record_data_identity", "data_identity", "check_resume", "recipe_changes", "__repr__"}
 
 
+def validating() -> bool:
+    """Inside ``load_recipe``: a recipe being validated (every key is looked at), e.g. a reward model's
+    saved recipe loaded by the stage; not the stage reading its own settings."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "load_recipe" and frame.f_code.co_filename.endswith("recipe.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def recorded_reads() -> Iterator[set[tuple[type, str]]]:
     """Every (section class, field) read while the block runs, outside generic whole-recipe code."""
@@ -39,7 +50,7 @@ def recorded_reads() -> Iterator[set[tuple[type, str]]]:
 
     def make(cls: type, fields: set[str]):
         def getattribute(self, name):
-            if name in fields:
+            if name in fields and not validating():
                 caller = sys._getframe(1).f_code
                 if caller.co_name not in NOT_READING and not caller.co_filename.endswith("copy.py"):
                     reads.add((cls, name))
