@@ -2,7 +2,8 @@
 
 Each iteration:
   1. sample:  G samples of every prompt from the policy at the recipe's temperature (full distribution);
-  2. score:   r(x, y) of every sample through ONE call, ``score_samples(prompts, completions, finished)``;
+  2. score:   r(x, y) of every sample through ONE call, ``score_samples(prompts, completions, finished)``,
+              which returns the total and each reward source's values (logged as reward/<source>);
   3. log-probs: log pi_old of the sampled tokens at the same temperature, and log pi_ref only when the
               KL coefficient is > 0 (beta 0 loads no reference model at all);
   4. advantages: the algorithm's, from each prompt's group (GRPO: group mean/std; RLOO: leave-one-out);
@@ -36,9 +37,11 @@ from align_cli.engine.run import Run
 from align_cli.forward import per_token_by_bucket, response_logprobs, token_logprobs
 from align_cli.generation import SamplingParams, sample
 from align_cli.reference import LiveReference
+from align_cli.rewards import Rewards
 
-# the one call site of scoring: r(x, y) of each (prompt, completion text, ended by itself) sample
-ScoreSamples = Callable[[list[Prompt], list[str], list[bool]], list[float]]
+# the one call site of scoring: r(x, y) of each (prompt, completion text, ended by itself) sample, the
+# total and each source's own values (a ``rewards.RewardSource`` is one)
+ScoreSamples = Callable[[list[Prompt], list[str], list[bool]], Rewards]
 
 
 @dataclass
@@ -149,9 +152,8 @@ class GroupPolicyGradient:
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_prompts = [prompts[x.prompt_index] for x in samples]
-        scores = torch.tensor(
-            self.score_samples(group_prompts, texts, finished), device=device, dtype=torch.float
-        )
+        rewards = self.score_samples(group_prompts, texts, finished)
+        scores = torch.tensor(rewards.total, device=device, dtype=torch.float)
         ro = {
             "batch": batch,
             "row_lengths": (collated["last_index"] + 1).tolist(),  # prompt + response, on the host
@@ -160,6 +162,7 @@ class GroupPolicyGradient:
             "old_logps": to_padded(old, lengths),
             "ref_logps": ref,
             "scores": scores,
+            "rewards": rewards,
             "finished": torch.tensor(finished, device=device),
             "texts": texts,
             "prompts": group_prompts,
@@ -251,7 +254,7 @@ class GroupPolicyGradient:
             stats = mean_across(self.acc, stats, n)
             var, total = stats.pop("reward/sq_mean") - stats["reward/mean"] ** 2, n * self.acc.num_processes
             stats["reward/std"] = math.sqrt(max(var, 0.0) * total / (total - 1))
-        return ro, stats
+        return ro, stats | source_means(self.acc, ro["rewards"])
 
 
 def rollout_metrics(ro: dict[str, Any], group_size: int) -> dict[str, float]:
@@ -271,6 +274,21 @@ def rollout_metrics(ro: dict[str, Any], group_size: int) -> dict[str, float]:
         log_ratio = (ro["old_logps"] - ro["ref_logps"]) * mask
         stats["objective/kl"] = log_ratio.sum(-1).mean().item()
     return stats
+
+
+def source_means(acc: Any, rewards: Rewards) -> dict[str, float]:
+    """``reward/<source>``: each reward source's mean over the samples of every process it applied to
+    (``Rewards.means`` of all of them; every process scores with the same sources, so the same keys)."""
+    if acc.num_processes == 1:
+        return rewards.means()
+    sums = rewards.sums()
+    values = torch.tensor([x for pair in sums.values() for x in pair], dtype=torch.float64, device=acc.device)
+    totals = acc.reduce(values, "sum").tolist()
+    return {
+        f"reward/{name}": totals[2 * i] / totals[2 * i + 1]
+        for i, name in enumerate(sums)
+        if totals[2 * i + 1]
+    }
 
 
 def whiten_across(

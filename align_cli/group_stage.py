@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from align_cli.data.prompts import Prompt, fit_prompts, load_prompts, prompt_room
+from align_cli.data.prompts import fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
@@ -23,12 +23,12 @@ from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
-from align_cli.group_core import GroupAlgorithm, GroupPolicyGradient, GroupSettings, ScoreSamples
+from align_cli.group_core import GroupAlgorithm, GroupPolicyGradient, GroupSettings
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import count_parameters, load_causal_lm, load_tokenizer, save_model
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.reference import frozen_reference
-from align_cli.rewards import RewardSource, load_reward_source
+from align_cli.rewards import REWARD_MODEL, RewardSource, load_reward_source
 from align_cli.runs import last_output, peak_memory_mb
 from align_cli.sections import uses_reward_model
 
@@ -59,19 +59,14 @@ def resolve(recipe: Recipe, section: Any, name: str) -> tuple[str, str | None, s
     return policy, scorer, prompts
 
 
-def reward_scorer(section: Any, scorer_dir: str | None, template: str) -> tuple[ScoreSamples, RewardSource]:
-    """``score_samples`` from the stage's reward source (align_cli/rewards.py): a reward model, each sample
-    rendered and cut exactly as its training records were (no EOS after a sample that did not end),
-    and/or weighted Python reward functions. Returns the callable and the source (to move to the run's
-    device)."""
+def reward_scorer(section: Any, scorer_dir: str | None, template: str) -> RewardSource:
+    """The stage's reward source (align_cli/rewards.py), which is its ``score_samples``: a reward model,
+    each sample rendered and cut exactly as its training records were (no EOS after a sample that did
+    not end), and/or weighted Python reward functions; it returns the total and each source's values."""
     source = load_reward_source(scorer_dir, section.reward_functions, section.reward_weights, template)
     if source.reward_model is not None:
         source.reward_model.requires_grad_(False)
-
-    def score_samples(prompts: list[Prompt], completions: list[str], finished: list[bool]) -> list[float]:
-        return source(prompts, completions, finished).total
-
-    return score_samples, source
+    return source
 
 
 def run_group_stage(
@@ -103,12 +98,12 @@ def run_group_stage(
     policy = load_causal_lm(policy_section, tokenizer)
     # beta 0: no KL term, so no reference at all; under LoRA the adapters-off policy is the reference
     reference = frozen_reference(policy_section, tokenizer=tokenizer) if s.beta > 0 else None
-    score_samples, source = reward_scorer(section, scorer_dir, d.template)
+    source = reward_scorer(section, scorer_dir, d.template)
     run_dir, acc = open_run(recipe, resume)
     source.to(acc.device)
     iterations = t.max_steps or section.iterations
     run = Run(name, t, run_dir, acc, console, iterations, unit="iteration")
-    core = GroupPolicyGradient(s, algorithm, policy, reference, tokenizer, score_samples, run)
+    core = GroupPolicyGradient(s, algorithm, policy, reference, tokenizer, source, run)
     print_estimate(
         recipe,
         core.model,
@@ -159,6 +154,8 @@ def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> N
         for i in range(min(count, len(ro["texts"]))):
             row = {"iteration": iteration, "prompt": ro["prompts"][i].prompt, "response": ro["texts"][i]}
             row |= {"reward": ro["scores"][i].item(), "advantage": ro["advantages"][i].item()}
+            if set(ro["rewards"].by_source) - {REWARD_MODEL}:  # functions score: each source's own value
+                row["reward_sources"] = ro["rewards"].sample(i)
             if ro["ref_logps"] is not None:
                 row["kl"] = ((ro["old_logps"][i] - ro["ref_logps"][i]) * ro["mask"][i]).sum().item()
             handle.write(json.dumps(row) + "\n")

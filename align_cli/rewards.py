@@ -35,6 +35,8 @@ from align_cli.data.prompts import Prompt
 from align_cli.recipe import ModelSection, RecipeError
 
 REWARD_MODEL = "reward_model"  # the reward model's name among the sources (metric reward/reward_model)
+# reward/<name> metrics the stages log of the total reward: a function of such a name is numbered instead
+TOTAL_METRICS = ("mean", "std", "frac_zero_std", "sq_mean")
 OWN_ARGUMENTS = ("prompts", "completions")  # a prompt column of that name would shadow one
 
 
@@ -114,14 +116,17 @@ class Rewards:
     total: list[float]
     by_source: dict[str, list[float | None]] = field(default_factory=dict)
 
+    def sums(self) -> dict[str, tuple[float, int]]:
+        """Each source's (sum, count) over the samples it applied to: what processes add up before
+        dividing, so that a mean over every process is the mean of every sample."""
+        return {
+            name: (sum(v for v in values if v is not None), sum(v is not None for v in values))
+            for name, values in self.by_source.items()
+        }
+
     def means(self) -> dict[str, float]:
         """``reward/<source>``: the mean of each source over the samples it applied to."""
-        out = {}
-        for name, values in self.by_source.items():
-            applied = [v for v in values if v is not None]
-            if applied:
-                out[f"reward/{name}"] = sum(applied) / len(applied)
-        return out
+        return {f"reward/{name}": total / count for name, (total, count) in self.sums().items() if count}
 
     def sample(self, i: int) -> dict[str, float | None]:
         return {name: values[i] for name, values in self.by_source.items()}
@@ -149,9 +154,9 @@ class RewardSource:
         self.template, self.batch_size = template, batch_size
         self.functions = list(functions)
         self.names = [REWARD_MODEL] if reward_model is not None else []
-        for f in self.functions:  # metric names: the function's name, numbered when two share it
+        for f in self.functions:  # metric names: the function's name, numbered when taken
             name, k = f.name, 1
-            while name in self.names:
+            while name in self.names or name in TOTAL_METRICS:
                 k += 1
                 name = f"{f.name}_{k}"
             self.names.append(name)

@@ -181,5 +181,6 @@ def test_grpo_and_rloo_two_processes_match_one(
     assert len(two) == 3
     # the same samples and rewards; KL and loss are differences of log-probs after updates whose gradients
     # were summed in another order (float32): equal to ~1e-5
-    for key in ("reward/mean", "reward/std", "response/length", "objective/kl", "loss", "grad_norm"):
+    keys = ("reward/mean", "reward/std", "reward/reward_model", "response/length", "objective/kl", "loss")
+    for key in (*keys, "grad_norm"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-3, abs=1e-4), key

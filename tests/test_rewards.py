@@ -175,6 +175,17 @@ def test_numbers_of_any_kind_count_and_names_stay_apart():
     assert rewards.total == [2.0, 4.0, 3.5] and list(rewards.by_source) == ["mixed", "mixed_2"]
 
 
+def test_a_function_named_like_a_total_metric_is_numbered_and_means_skip_none():
+    def mean(completions, **kwargs):  # its metric would overwrite reward/mean, the total's
+        return [1.0, None]
+
+    source = RewardSource([fn(mean), fn(lambda **kw: [0.0, 2.0], "f.py:std")])
+    rewards = source(prompts(("a", {}), ("b", {})), ["x", "y"], [True, True])
+    assert source.names == ["mean_2", "std_2"] and rewards.total == [1.0, 2.0]
+    assert rewards.sums() == {"mean_2": (1.0, 1), "std_2": (2.0, 2)}
+    assert rewards.means() == {"reward/mean_2": 1.0, "reward/std_2": 1.0}
+
+
 def test_a_column_named_like_the_functions_own_arguments_is_refused():
     batch = prompts(("a", {}), ("b", {"completions": "x"}))
     with pytest.raises(RecipeError, match="p.jsonl:2: a column named 'completions' would replace"):
