@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo: the DPO paper's controlled-sentiment experiment, offline and CPU-sized (2-3 minutes on 2 cores).
+# The demo: the DPO paper's controlled-sentiment experiment, offline and CPU-sized (5-8 minutes on 2 cores).
 # Builds the offline tiny model and the synthetic review data, then `align frontier` runs
-# SFT -> reward model -> {Preferred-FT, DPO over beta, PPO over the KL coefficient, best-of-N over N}
+# SFT -> reward model -> {Preferred-FT, DPO over beta, PPO / GRPO / RLOO over their KL coefficient,
+# DPO on ground-truth-labelled SFT samples over beta, best-of-N over N}
 # and evaluates every policy against the SFT model: hidden ground-truth sentiment vs KL(policy || SFT).
 # Stages already finished under runs/sentiment are not run again (delete it to start over).
 set -euo pipefail
