@@ -25,11 +25,11 @@ from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
 from align_cli.group_core import GroupAlgorithm, GroupPolicyGradient, GroupSettings
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
-from align_cli.models import count_parameters, load_causal_lm, load_tokenizer, save_model
+from align_cli.models import load_causal_lm, load_tokenizer, save_model
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.reference import frozen_reference
 from align_cli.rewards import REWARD_MODEL, RewardSource, load_reward_source
-from align_cli.runs import last_output, peak_memory_mb
+from align_cli.runs import last_output
 from align_cli.sections import uses_reward_model
 
 
@@ -175,22 +175,14 @@ def finish(core: GroupPolicyGradient, prompt_stats: DataStats) -> dict[str, Any]
 
     def summarize() -> tuple[dict[str, Any], list[tuple[str, Any]]]:
         last = run.metrics.rows[-1] if run.metrics and run.metrics.rows else {}
-        trainable, total = count_parameters(unwrapped)
-        summary = {
-            "stage": s.stage,
-            "run_dir": str(run.run_dir),
-            "final_model": str(run.run_dir / "final"),
-            "iterations": run.total,
-            "first_reward": run.first("reward/mean"),
-            "last_reward": last.get("reward/mean"),
-            "last_kl": last.get("objective/kl"),
-            "elapsed_s": run.elapsed,
-            "peak_memory_mb": peak_memory_mb(),
-            "parameters_trainable": trainable,
-            "parameters_total": total,
-            "skipped_steps": run.skipped,
-            "data": {"prompts": prompt_stats.as_dict()},
-        }
+        summary = run.summary(
+            unwrapped,
+            iterations=run.total,
+            first_reward=run.first("reward/mean"),
+            last_reward=last.get("reward/mean"),
+            last_kl=last.get("objective/kl"),
+            data={"prompts": prompt_stats.as_dict()},
+        )
         rows = [
             ("iterations", run.total),
             ("reward (first iteration)", summary["first_reward"]),

@@ -34,8 +34,9 @@ from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
 from align_cli.engine.nonfinite import NonFiniteError, last_good_checkpoint, nan_context
 from align_cli.engine.optim import apply_training_settings, build_optimizer, build_scheduler
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
+from align_cli.models import count_parameters
 from align_cli.recipe import TrainingSection
-from align_cli.runs import FINAL, after_final, record_output, runs_root, write_summary
+from align_cli.runs import FINAL, after_final, peak_memory_mb, record_output, runs_root, write_summary
 
 
 class Run:
@@ -181,6 +182,21 @@ class Run:
             self.console.print(f"[yellow]skipped[/] {exc}; {context} (nan_policy: skip)")
 
     # ------------------------------------------------------------------ the end
+
+    def summary(self, model: torch.nn.Module, **figures: Any) -> dict[str, Any]:
+        """summary.json of a run: what ran and where, the stage's own ``figures``, and the costs."""
+        trainable, total = count_parameters(model)
+        return {
+            "stage": self.name,
+            "run_dir": str(self.run_dir),
+            "final_model": str(self.run_dir / FINAL),
+            **figures,
+            "elapsed_s": self.elapsed,
+            "peak_memory_mb": peak_memory_mb(),
+            "parameters_trainable": trainable,
+            "parameters_total": total,
+            "skipped_steps": self.skipped,
+        }
 
     def finish(
         self,

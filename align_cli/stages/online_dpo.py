@@ -35,11 +35,10 @@ from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
 from align_cli.group_stage import resolve, reward_scorer
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
-from align_cli.models import count_parameters, load_causal_lm, load_tokenizer, save_model
+from align_cli.models import load_causal_lm, load_tokenizer, save_model
 from align_cli.online_dpo_core import OnlineDPO, OnlineDPOSettings
 from align_cli.recipe import DPOSection, ModelSection, Recipe, RecipeError
 from align_cli.reference import frozen_reference
-from align_cli.runs import peak_memory_mb
 from align_cli.sections import uses_reward_model
 
 
@@ -140,23 +139,15 @@ def finish(core: OnlineDPO, prompt_stats: DataStats) -> dict[str, Any]:
 
     def summarize() -> tuple[dict[str, Any], list[tuple[str, Any]]]:
         rows = run.metrics.rows if run.metrics else []
-        trainable, total = count_parameters(unwrapped)
-        summary = {
-            "stage": "online-dpo",
-            "run_dir": str(run.run_dir),
-            "final_model": str(run.run_dir / "final"),
-            "iterations": run.total,
-            "first_reward": run.first("reward/mean"),
-            "last_reward": rows[-1].get("reward/mean") if rows else None,
-            "pairs": int(sum(r.get("pairs", 0) for r in rows)),
-            "pairs_skipped_tied": int(sum(r.get("pairs/skipped_tied", 0) for r in rows)),
-            "elapsed_s": run.elapsed,
-            "peak_memory_mb": peak_memory_mb(),
-            "parameters_trainable": trainable,
-            "parameters_total": total,
-            "skipped_steps": run.skipped,
-            "data": {"prompts": prompt_stats.as_dict()},
-        }
+        summary = run.summary(
+            unwrapped,
+            iterations=run.total,
+            first_reward=run.first("reward/mean"),
+            last_reward=rows[-1].get("reward/mean") if rows else None,
+            pairs=int(sum(r.get("pairs", 0) for r in rows)),
+            pairs_skipped_tied=int(sum(r.get("pairs/skipped_tied", 0) for r in rows)),
+            data={"prompts": prompt_stats.as_dict()},
+        )
         table = [
             ("iterations", run.total),
             ("reward (first iteration)", summary["first_reward"]),

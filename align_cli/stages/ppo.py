@@ -26,10 +26,10 @@ from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
-from align_cli.models import count_parameters, load_tokenizer, save_model
+from align_cli.models import load_tokenizer, save_model
 from align_cli.ppo_core import PPO, load_models
 from align_cli.recipe import ModelSection, Recipe, RecipeError
-from align_cli.runs import last_output, peak_memory_mb
+from align_cli.runs import last_output
 
 
 def _resolve(recipe: Recipe) -> tuple[str, str, str]:
@@ -150,26 +150,18 @@ def finish_ppo(ppo: PPO, prompt_stats: DataStats, ptx_stats: DataStats) -> dict[
 
     def summarize() -> tuple[dict[str, Any], list[tuple[str, Any]]]:
         last = run.metrics.rows[-1] if run.metrics and run.metrics.rows else {}
-        trainable, total = count_parameters(unwrapped)
-        summary = {
-            "stage": "ppo",
-            "run_dir": str(run.run_dir),
-            "final_model": str(run.run_dir / "final"),
-            "iterations": run.total,
-            "first_score": run.first("score/mean"),
-            "last_score": last.get("score/mean"),
-            "last_kl": last.get("objective/kl"),
-            "kl_coef": ppo.kl_ctl.value,
-            "elapsed_s": run.elapsed,
-            "peak_memory_mb": peak_memory_mb(),
-            "parameters_trainable": trainable,
-            "parameters_total": total,
-            "skipped_steps": run.skipped,
-            "data": {
+        summary = run.summary(
+            unwrapped,
+            iterations=run.total,
+            first_score=run.first("score/mean"),
+            last_score=last.get("score/mean"),
+            last_kl=last.get("objective/kl"),
+            kl_coef=ppo.kl_ctl.value,
+            data={
                 "prompts": prompt_stats.as_dict(),
                 **({"ptx": ptx_stats.as_dict()} if p.ptx_data else {}),
             },
-        }
+        )
         skipped = run.t.nan_policy == "skip" or run.skipped
         rows = [
             ("iterations", run.total),
