@@ -122,7 +122,7 @@ class OnlineDPO:
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_of = [x.prompt_index for x in samples]
-        scores = self.score_samples([prompts[p] for p in group_of], texts, finished)
+        scores = self.score_samples([prompts[p] for p in group_of], texts, finished).total
         pairs, ties = make_pairs(group_of, scores, texts, len(prompts))
         examples = [
             {

@@ -81,12 +81,12 @@ def run_online_dpo(
     policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
     policy = load_causal_lm(policy_section, tokenizer)
     reference = frozen_reference(policy_section, tokenizer=tokenizer)  # None under LoRA: adapters off
-    score_samples, source = reward_scorer(section, scorer_dir, d.template)
+    source = reward_scorer(section, scorer_dir, d.template)  # the one scoring call: its score_samples
     run_dir, acc = open_run(recipe, resume)
     source.to(acc.device)
     iterations = t.max_steps or section.iterations
     run = Run("online-dpo", t, run_dir, acc, console, iterations, unit="iteration")
-    core = OnlineDPO(s, policy, reference, tokenizer, score_samples, run)
+    core = OnlineDPO(s, policy, reference, tokenizer, source, run)
     frozen = {"reference": reference, "reward model": source.reward_model}
     print_estimate(recipe, core.model, acc, console, frozen, policy.config)
     start = run.restore(bool(resume))
