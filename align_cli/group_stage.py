@@ -130,21 +130,11 @@ def run_group_stage(
             first = iteration * s.prompts_per_iteration + acc.process_index * share
             chosen = [prompts[prompt_order[(first + i) % len(prompts)]] for i in range(share)]
             ro, stats = core.iteration(chosen, iteration)
-            row = {
-                "step": iteration + 1,
-                **stats,
-                **({"skipped_steps": run.skipped} if t.nan_policy == "skip" else {}),
-            }
-            row |= {"lr": core.scheduler.get_last_lr()[0], "elapsed_s": run.elapsed}
-            run.step = iteration + 1
-            run.log(row)
             if acc.is_main_process:
                 log_samples(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
-            kl = f" kl {row['objective/kl']:.3f}" if "objective/kl" in row else ""
-            run.show(iteration + 1, info=f"reward {row['reward/mean']:.3f}{kl}")
-            run.save_if_due(iteration + 1)
-            if run.stop_requested():
-                run.stop_here(iteration + 1)
+            kl = f" kl {stats['objective/kl']:.3f}" if "objective/kl" in stats else ""
+            info = f"reward {stats['reward/mean']:.3f}{kl}"
+            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], info)
     return finish(core, prompt_stats)
 
 
@@ -189,14 +179,7 @@ def finish(core: GroupPolicyGradient, prompt_stats: DataStats) -> dict[str, Any]
             ("reward (last iteration)", summary["last_reward"]),
             *([("KL to reference (last)", summary["last_kl"])] if s.beta > 0 else []),
             ("prompts", prompt_stats.describe()),
-            *(
-                [("skipped updates (non-finite)", run.skipped)]
-                if run.t.nan_policy == "skip" or run.skipped
-                else []
-            ),
-            ("peak memory (MB)", summary["peak_memory_mb"]),
-            ("elapsed (s)", summary["elapsed_s"]),
-            ("final model", summary["final_model"]),
+            *run.cost_rows(summary),
         ]
         return summary, rows
 

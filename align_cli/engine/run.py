@@ -181,7 +181,35 @@ class Run:
         if self.is_main:
             self.console.print(f"[yellow]skipped[/] {exc}; {context} (nan_policy: skip)")
 
+    def end_iteration(self, at: int, stats: dict[str, Any], lr: float, info: str) -> dict[str, Any]:
+        """The bookkeeping after on-policy iteration ``at`` (PPO, GRPO/RLOO, online DPO): its metrics row
+        logged, the progress bar moved, a periodic checkpoint when due, a requested stop answered."""
+        row = {
+            "step": at,
+            **stats,
+            **({"skipped_steps": self.skipped} if self.t.nan_policy == "skip" else {}),
+        }
+        row |= {"lr": lr, "elapsed_s": self.elapsed}
+        self.step = at
+        self.log(row)
+        self.show(at, info=info)
+        self.save_if_due(at)
+        if self.stop_requested():
+            self.stop_here(at)
+        return row
+
     # ------------------------------------------------------------------ the end
+
+    def cost_rows(self, summary: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The summary table's last rows, the same for every stage: skipped updates (when any, or when
+        skipping is on), peak memory, elapsed time, the final model."""
+        skipped = [("skipped updates (non-finite)", self.skipped)]
+        return [
+            *(skipped if self.t.nan_policy == "skip" or self.skipped else []),
+            ("peak memory (MB)", summary["peak_memory_mb"]),
+            ("elapsed (s)", summary["elapsed_s"]),
+            ("final model", summary["final_model"]),
+        ]
 
     def summary(self, model: torch.nn.Module, **figures: Any) -> dict[str, Any]:
         """summary.json of a run: what ran and where, the stage's own ``figures``, and the costs."""

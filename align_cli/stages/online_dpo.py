@@ -106,16 +106,9 @@ def run_online_dpo(
                 prompts[prompt_order[(first + i) % len(prompts)]] for i in range(s.prompts_per_iteration)
             ]
             ro, stats = core.iteration(chosen, iteration)
-            row = {"step": iteration + 1, **stats}
-            row |= {"skipped_steps": run.skipped} if t.nan_policy == "skip" else {}
-            row |= {"lr": core.scheduler.get_last_lr()[0], "elapsed_s": run.elapsed}
-            run.step = iteration + 1
-            run.log(row)
             log_pairs(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
-            run.show(iteration + 1, info=f"reward {row['reward/mean']:.3f} pairs {len(ro['pairs'])}")
-            run.save_if_due(iteration + 1)
-            if run.stop_requested():
-                run.stop_here(iteration + 1)
+            info = f"reward {stats['reward/mean']:.3f} pairs {len(ro['pairs'])}"
+            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], info)
     return finish(core, prompt_stats)
 
 
@@ -157,14 +150,7 @@ def finish(core: OnlineDPO, prompt_stats: DataStats) -> dict[str, Any]:
                 f"{summary['pairs']} ({summary['pairs_skipped_tied']})",
             ),
             ("prompts", prompt_stats.describe()),
-            *(
-                [("skipped updates (non-finite)", run.skipped)]
-                if run.t.nan_policy == "skip" or run.skipped
-                else []
-            ),
-            ("peak memory (MB)", summary["peak_memory_mb"]),
-            ("elapsed (s)", summary["elapsed_s"]),
-            ("final model", summary["final_model"]),
+            *run.cost_rows(summary),
         ]
         return summary, table
 

@@ -99,20 +99,10 @@ def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
             ro, stats = ppo.iteration(
                 [prompts[i] for i in chosen[acc.process_index :: acc.num_processes]], iteration
             )
-            row = {
-                "step": iteration + 1,
-                **stats,
-                **({"skipped_steps": run.skipped} if t.nan_policy == "skip" else {}),
-            }
-            row |= {"lr": ppo.scheduler.get_last_lr()[0], "elapsed_s": run.elapsed}
-            run.step = iteration + 1
-            run.log(row)
             if acc.is_main_process:
                 log_samples(run_dir / "samples.jsonl", ro, iteration + 1, p.log_samples)
-            run.show(iteration + 1, info=f"score {row['score/mean']:.3f} kl {row['objective/kl']:.3f}")
-            run.save_if_due(iteration + 1)
-            if run.stop_requested():
-                run.stop_here(iteration + 1)
+            info = f"score {stats['score/mean']:.3f} kl {stats['objective/kl']:.3f}"
+            run.end_iteration(iteration + 1, stats, ppo.scheduler.get_last_lr()[0], info)
     return finish_ppo(ppo, prompt_stats, ptx_stats)
 
 
@@ -162,7 +152,6 @@ def finish_ppo(ppo: PPO, prompt_stats: DataStats, ptx_stats: DataStats) -> dict[
                 **({"ptx": ptx_stats.as_dict()} if p.ptx_data else {}),
             },
         )
-        skipped = run.t.nan_policy == "skip" or run.skipped
         rows = [
             ("iterations", run.total),
             ("score (first iteration)", summary["first_score"]),
@@ -171,10 +160,7 @@ def finish_ppo(ppo: PPO, prompt_stats: DataStats, ptx_stats: DataStats) -> dict[
             ("kl_coef (final)", ppo.kl_ctl.value),
             ("prompts", prompt_stats.describe()),
             *([("ptx examples", ptx_stats.describe())] if p.ptx_data else []),
-            *([("skipped updates (non-finite)", run.skipped)] if skipped else []),
-            ("peak memory (MB)", summary["peak_memory_mb"]),
-            ("elapsed (s)", summary["elapsed_s"]),
-            ("final model", summary["final_model"]),
+            *run.cost_rows(summary),
         ]
         return summary, rows
 
