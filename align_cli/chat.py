@@ -152,6 +152,11 @@ def run_chat(
     """`align chat`: the read-reply loop until /exit or end of input. Replies go to ``write`` (stdout),
     notices and --show-prompt to ``console`` (stderr)."""
     write = write or _stdout
+    if read is input:
+        try:
+            import readline  # noqa: F401  (input() then edits the line and recalls earlier messages)
+        except ImportError:  # not on every platform
+            pass
     check_params(params)
     if params.n != 1:
         raise GenerateError("align chat samples one reply per turn (--n 1)")
