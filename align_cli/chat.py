@@ -185,7 +185,8 @@ def run_chat(
                 console.print(f"[dim]--- prompt ---\n{escape(text)}\n--- end of prompt ---[/]")
 
         try:
-            session.reply(line, write, before_reply)
+            if not session.reply(line, write, before_reply):
+                console.print("[dim](an empty reply: the model ended its turn at once)[/]", end="")
         except KeyboardInterrupt:
             write("\n")
             console.print("[yellow](reply interrupted; the message was not kept)[/]")

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from align_cli.data.prompts import Prompt, load_prompts
@@ -197,7 +198,9 @@ def run_generate(request: GenerateRequest, out: Path | None, console: Console) -
     ids = [encode_prompt(p, template, tokenizer, request.system, request.raw) for p in prompts]
     policy = load_policy(request.model, tokenizer)
     shown = "none (--no-template)" if request.raw else f"{template} (from {source})"
-    console.print(f"[bold]align generate[/] {request.model}: {len(prompts)} prompt(s), template {shown}")
+    console.print(
+        f"[bold]align generate[/] {escape(request.model)}: {len(prompts)} prompt(s), template {shown}"
+    )
     handle: IO[str] = sys.stdout if out is None else _open(out)
     count = 0
     try:
@@ -210,7 +213,7 @@ def run_generate(request: GenerateRequest, out: Path | None, console: Console) -
         if out is not None:
             handle.close()
     if out is not None:
-        console.print(f"wrote {count} row(s) to [bold]{out}[/]")
+        console.print(f"wrote {count} row(s) to [bold]{escape(str(out))}[/]")
     return count
 
 
