@@ -4,7 +4,7 @@ modules each one calls). Registered on ``align_cli.cli``'s app when that module 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,7 @@ from align_cli.cli import (
     app,
     console,
     data_app,
+    err_console,
     reward_app,
 )
 from align_cli.recipe import load_recipe
@@ -155,6 +156,107 @@ def eval_command(
             model, reference, prompts, ground_truth, reward_model, n, max_new_tokens, seed, out, console
         )
     )
+
+
+# ----------------------------------------------------------------------------- sampling from a model
+
+
+def _flag(kind: Any, *names: str, help: str) -> Any:
+    """An option whose default --help shows (sampling settings are worth seeing)."""
+    return Annotated[kind, typer.Option(*names, help=help)]
+
+
+MaxNewTokensOpt = _flag(int, "--max-new-tokens", help="Most tokens to generate per reply.")
+TemperatureOpt = _flag(float, "--temperature", "-t", help="Sampling temperature; 0 = greedy.")
+TopPOpt = _flag(float, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this mass.")
+TopKOpt = _flag(int, "--top-k", help="Sample among the k most likely tokens; 0 = off.")
+SeedOpt = _flag(int, "--seed", help="Sampling seed (same seed and batch size, same output).")
+SystemOpt = _flag(str | None, "--system", help="System message put first in every chat prompt.")
+
+
+@app.command(
+    epilog=_epilog(
+        (
+            "align generate -m runs/sft-tiny/final --prompt 'Write a haiku about rain.'",
+            "align generate -m runs/dpo/final --prompts prompts_eval.jsonl -o samples.jsonl --n 4 -t 0.7",
+            "align generate -m runs/sft-lora/final --prompts chats.jsonl --system 'Be brief.' -t 0",
+            "align generate -m examples/models/tiny --prompt 'Once upon a time' --no-template",
+        )
+    )
+)
+def generate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, hub id or LoRA run output.")],
+    prompts: _flag(
+        str | None,
+        "--prompts",
+        "-p",
+        help="Prompt file: prompt, Alpaca instruction/input, chat messages (last turn the user's), pairs.",
+    ) = None,
+    prompt: _flag(list[str] | None, "--prompt", help="A prompt on the command line (repeatable).") = None,
+    out: _flag(
+        Path | None, "--out", "-o", help="JSONL file to write, one row per prompt; default stdout."
+    ) = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    n: _flag(int, "--n", help="Completions per prompt (a row then has `completions`).") = 1,
+    seed: SeedOpt = 0,
+    batch_size: _flag(int, "--batch-size", help="Prompts per generate call.") = 8,
+    system: SystemOpt = None,
+    template: _flag(
+        str | None,
+        "--template",
+        help="auto, alpaca, chat or plain; default: what the model was trained with (its run's recipe), "
+        "or chat for a model whose tokenizer has a chat template.",
+    ) = None,
+    no_template: _flag(bool, "--no-template", help="Feed each prompt as written (no template).") = False,
+) -> None:
+    """Sample completions for prompts, rendered as the model saw them in training; one JSONL row per prompt.
+
+    Each row has the prompt, its `completion` (or `completions` with --n), `finished` (a stop token
+    ended it, not --max-new-tokens) and `tokens` (generated)."""
+    from align_cli.generate import GenerateRequest, run_generate
+    from align_cli.generation import SamplingParams
+
+    params = SamplingParams(n, max_new_tokens, temperature, top_p, top_k, seed, batch_size)
+    request = GenerateRequest(model, prompts, list(prompt or []), params, system, template, no_template)
+    _guarded(lambda: run_generate(request, out, err_console))
+
+
+@app.command(
+    epilog=_epilog(
+        (
+            "align chat -m runs/dpo/final",
+            "align chat -m runs/sft-lora/final --system 'You are a helpful assistant.' -t 0.7 --top-p 0.9",
+            "align chat -m examples/models/tiny -t 0 --show-prompt      (see what the model is given)",
+        )
+    )
+)
+def chat(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, hub id or LoRA run output.")],
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = 0,
+    context: _flag(
+        int, "--context", help="Tokens of prompt + reply before old turns are dropped; 0 = the model's."
+    ) = 0,
+    show_prompt: _flag(
+        bool, "--show-prompt", help="Print the full prompt (history in the chat template) before each reply."
+    ) = False,
+) -> None:
+    """Talk to a model: each reply streams as it is generated; the conversation is kept in its chat template.
+
+    Type a message and Enter. /reset clears the conversation, /exit or Ctrl-D quits, /help lists these.
+    When the conversation outgrows the model's context, the oldest turns are dropped (with a notice)."""
+    from align_cli.chat import run_chat
+    from align_cli.generation import SamplingParams
+
+    params = SamplingParams(1, max_new_tokens, temperature, top_p, top_k, seed, 1)
+    _guarded(lambda: run_chat(model, params, system, context, show_prompt, err_console))
 
 
 # ----------------------------------------------------------------------------- planning and export

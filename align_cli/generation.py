@@ -104,6 +104,7 @@ def sample(
     progress: Any = None,
     first_batch: int = 0,
     synced_gpus: bool = False,
+    streamer: Any = None,
 ) -> list[Sample]:
     """Sample ``params.n`` responses for every prompt (token ids); ordered by prompt, then sample.
 
@@ -111,7 +112,9 @@ def sample(
     ``first_batch``: the global index of this call's first batch, when the prompts are one process's
     contiguous share of a larger list (``shard_batches``): batches are seeded by global index, so the
     samples do not depend on the number of processes. ``synced_gpus``: keep stepping until every
-    process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation)."""
+    process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation).
+    ``streamer``: passed to ``model.generate`` (a transformers streamer, e.g. ``TextStreamer``) to see
+    tokens as they are generated; one prompt and ``params.n == 1`` only (``align chat``)."""
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -137,6 +140,7 @@ def sample(
                 pad_token_id=pad,
                 use_cache=True,
                 synced_gpus=synced_gpus,
+                streamer=streamer,
             )
             new = generated[:, ids.shape[1] :].tolist()
             for row, tokens in enumerate(new):
