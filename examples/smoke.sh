@@ -28,6 +28,13 @@ $ALIGN sft --model "$work/tiny" --data examples/data/chat.jsonl --out "$work/sft
   --set data.packing=true --set training.precision=bf16 --set training.optimizer=adamw_8bit
 
 
+step "generate (one JSONL row per prompt) and chat (piped: two turns, /reset, end of input)"
+head -n 5 examples/data/alpaca.jsonl > "$work/prompts.jsonl"
+$ALIGN generate --model "$work/sft/final" --prompts "$work/prompts.jsonl" --prompt "Name a colour." \
+  --max-new-tokens 8 --out "$work/generated.jsonl"
+test "$(wc -l < "$work/generated.jsonl")" -eq 6
+printf 'Hello\nName a colour.\n/reset\nHi again\n' | $ALIGN chat --model "$work/sft/final" --max-new-tokens 8
+
 step "reward (pairs with Llama 2 margins), from the SFT model"
 $ALIGN reward --recipe recipes/reward-tiny.yaml --model "$work/sft/final" --out "$work/reward" --max-steps 6
 test -f "$work/reward/final/model.safetensors"
