@@ -33,6 +33,7 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
+from align_cli.engine.tracking import check_trackers, numeric, start_trackers
 from align_cli.generation import choose_backend
 from align_cli.memory import MemoryPlan, meta_model, trained_lora
 from align_cli.models import load_tokenizer
@@ -246,6 +247,7 @@ def run_rejection_sampling(
     recipe: Recipe, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, read_options(recipe.data))  # bad lines fail here
@@ -259,6 +261,7 @@ def run_rejection_sampling(
     )
     backend = choose_backend(rs.backend)
     run_dir, accelerator = open_run(recipe, resume)
+    trackers = start_trackers(accelerator, recipe.training, run_dir)
     reward.to(accelerator.device)
     main = accelerator.is_main_process
     console.print(
@@ -306,6 +309,8 @@ def run_rejection_sampling(
                 ) from None
         figures["policy_after"] = policy_dir
         rounds.append(figures)
+        if trackers:  # a round's figures (kept rounds too: each tracker run shows every round)
+            accelerator.log(numeric({**figures, **figures.get("reward_sources", {})}), step=r)
     for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
         if main:
             shutil.copy(run_dir / f"round-{rs.rounds}" / name, run_dir / name)
@@ -338,6 +343,7 @@ def run_rejection_sampling(
         console.print(table)
     if main:
         write_summary(run_dir, summary)
+    accelerator.end_training()
     return summary
 
 
