@@ -15,6 +15,7 @@ from align_cli.engine.tracking import TrackingError, flat_config
 from align_cli.recipe import RecipeError, load_recipe
 from align_cli.stages import STAGES
 from align_cli.stages.grpo import run_grpo
+from align_cli.stages.rejection_sampling import run_rejection_sampling
 from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES, ROOT
 from tests.helpers import make_recipe, metric_rows, quiet_console
@@ -145,6 +146,44 @@ def test_grpo_logs_its_samples_as_text_in_tensorboard(tiny_model: Path, tmp_path
     table = texts[0].tensor_proto.string_val[0].decode()
     assert "| iteration | prompt | response | reward |" in table
     assert "reward/mean" in events.Tags()["scalars"]
+
+
+def test_rejection_sampling_rounds_and_their_sft_are_separate_mlflow_runs(
+    tiny_model: Path, tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pytest.importorskip("mlflow", reason="the tracking extra (mlflow-skinny) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    reward = tmp_path / "length.py"
+    reward.write_text(
+        "def length(prompts, completions, **columns):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    overrides = {"model.name_or_path": str(tiny_model), "output.dir": str(tmp_path / "bon")}
+    sets = [
+        f"rejection.prompts={EXAMPLES / 'prompts.jsonl'}",
+        f"rejection.reward_functions=[{reward}:length]",
+        "rejection.n=2",
+        "rejection.max_prompts=4",
+        "rejection.max_new_tokens=6",
+        "rejection.eval_n=1",
+        "rejection.then=sft",
+        "training.max_steps=2",
+        "training.save_every=0",
+        "training.report_to=mlflow",
+    ]
+    run_rejection_sampling(load_recipe(None, overrides, sets, "rejection-sample"), console=quiet_console())
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("align").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert sorted(by_name) == ["bon", "bon-round-1-sft"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert [m.step for m in client.get_metric_history(by_name["bon"].info.run_id, "mean_reward")] == [1]
+    assert [m.step for m in client.get_metric_history(by_name["bon-round-1-sft"].info.run_id, "loss")] == [
+        1,
+        2,
+    ]
 
 
 def test_the_recipe_is_flattened_for_the_trackers():

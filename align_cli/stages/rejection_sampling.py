@@ -210,6 +210,10 @@ def sft_on_round(recipe: Recipe, round_dir: Path, policy_dir: str, console: Cons
             "auto",
         )
         sft_recipe.output.dir, sft_recipe.output.overwrite = str(sft_dir), True  # a folder of this run
+        # its tracker run is named after this run and round (the folder's own name is just "sft")
+        sft_recipe.training.run_name = (
+            f"{recipe.training.run_name or round_dir.parent.name}-{round_dir.name}-sft"
+        )
         run_sft(sft_recipe, resume=can_resume(sft_dir, "sft"), console=console)
     return str(sft_dir / FINAL)
 
@@ -261,7 +265,6 @@ def run_rejection_sampling(
     )
     backend = choose_backend(rs.backend)
     run_dir, accelerator = open_run(recipe, resume)
-    trackers = start_trackers(accelerator, recipe.training, run_dir)
     reward.to(accelerator.device)
     main = accelerator.is_main_process
     console.print(
@@ -309,7 +312,10 @@ def run_rejection_sampling(
                 ) from None
         figures["policy_after"] = policy_dir
         rounds.append(figures)
-        if trackers:  # a round's figures (kept rounds too: each tracker run shows every round)
+    # each round's figures, once the rounds are done: a round's SFT (`then: sft`) runs its own trackers,
+    # which must not nest inside this run's (W&B would hand it this run, MLflow refuse a second one)
+    if start_trackers(accelerator, recipe.training, run_dir):
+        for r, figures in enumerate(rounds, start=1):
             accelerator.log(numeric({**figures, **figures.get("reward_sources", {})}), step=r)
     for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
         if main:
