@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,11 @@ def test_grpo_logs_its_samples_as_text_in_tensorboard(tiny_model: Path, tmp_path
         "training.report_to=tensorboard",
     ]
     recipe = load_recipe(ROOT / "recipes" / "grpo-tiny.yaml", overrides, sets)
-    run_grpo(recipe, console=quiet_console())
+    console = quiet_console()  # not a terminal: a plain line per iteration, with the stage's figures
+    run_grpo(recipe, console=console)
+    lines = [line for line in console.file.getvalue().splitlines() if line.startswith("iteration ")]
+    assert [line.split("  ")[0] for line in lines] == ["iteration 1/2", "iteration 2/2"]
+    assert all(re.match(r"iteration \d/2  reward [-\d.]+  kl [-\d.e]+  lr [\d.e+-]+  eta ", x) for x in lines)
     events = EventAccumulator(str(tmp_path / "run" / "tracking" / "align"), size_guidance={"tensors": 0})
     events.Reload()
     texts = events.Tensors("samples/text_summary")
