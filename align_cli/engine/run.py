@@ -120,14 +120,14 @@ class Run:
         """Sampled texts of iteration ``at`` (already in samples.jsonl) as a table in the trackers."""
         tracking.log_samples(self.acc, self.trackers, rows, at)
 
-    def say(self, at: int, figures: dict[str, Any], eta: bool = True) -> None:
+    def say(self, at: int, figures: dict[str, Any]) -> None:
         """When stdout is not a terminal, one plain line: ``step 12/40  loss 1.234  lr 2.0e-05  eta
         0:01:10`` (the progress bar stands in for it in a terminal)."""
         if not (self.plain and self.is_main):
             return
         parts = [f"{self.unit} {at}/{self.total}", *(f"{k} {_figure(k, v)}" for k, v in figures.items())]
         done = at - self.start_step
-        if eta and done > 0:
+        if done > 0:
             left = self.elapsed / done * (self.total - at)
             parts.append(f"eta {datetime.timedelta(seconds=round(left))}")
         self.console.print("  ".join(parts), soft_wrap=True, highlight=False, markup=False)
@@ -231,12 +231,8 @@ class Run:
         row |= {"lr": lr, "elapsed_s": self.elapsed}
         self.step = at
         self.log(row)
-        self.show(
-            at,
-            info=" ".join(
-                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items()
-            ),
-        )
+        bar = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items())
+        self.show(at, info=" ".join(bar))
         self.say(at, headline | {"lr": lr})
         self.save_if_due(at)
         if self.stop_requested():
