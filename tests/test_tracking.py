@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,38 @@ def test_tensorboard_events_hold_every_metric_at_its_step(tiny_model: Path, tmp_
     expected = logged_steps(run)
     assert "eval/loss" in expected and "loss" in expected
     assert found == expected
+
+
+def test_a_resumed_run_leaves_tensorboard_one_event_per_step(
+    tiny_model: Path, tmp_path: Path, runs_dir: Path
+):
+    pytest.importorskip("tensorboard", reason="the tracking extra (tensorboard) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, data = tmp_path / "run", EXAMPLES / "alpaca.jsonl"
+    sets = ["training.max_steps=6", "training.save_every=2", "training.report_to=tensorboard"]
+    command = [
+        sys.executable,
+        "-m",
+        "align_cli.cli",
+        "sft",
+        "-m",
+        str(tiny_model),
+        "-d",
+        str(data),
+        "-o",
+        str(run),
+    ]
+    # killed in step 4: steps 1-3 logged, the checkpoint at 2; the resumed run redoes step 3
+    env = os.environ | {"ALIGN_FAULT": "kill:step=4", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(command + [a for x in sets for a in ("--set", x)], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL and [r["step"] for r in metric_rows(run)] == [1, 2, 3]
+    run_sft(make_recipe("sft", tiny_model, data, run, sets), resume=True, console=quiet_console())
+    events = EventAccumulator(str(run / "tracking" / "align"))
+    events.Reload()
+    logged = {r["step"]: r["loss"] for r in metric_rows(run)}
+    assert {e.step: pytest.approx(e.value) for e in events.Scalars("loss")} == logged
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def wandb_records(path: Path) -> list:
