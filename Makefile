@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "no GPU: installing the CPU build $(TORCH_CPU)"; \
 		$(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,tracking]"
 	touch $@
 
 # The unit tests and the smoke test run side by side: the smoke test's 19 commands mostly wait on

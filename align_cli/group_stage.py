@@ -23,6 +23,7 @@ from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
+from align_cli.engine.tracking import check_trackers
 from align_cli.group_core import GroupAlgorithm, GroupPolicyGradient, GroupSettings
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer, save_model
@@ -79,6 +80,7 @@ def run_group_stage(
 ) -> dict[str, Any]:
     """Run `align grpo` / `align rloo` (``settings.stage``) and return its summary."""
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     name, s, t, d = settings.stage, settings, recipe.training, recipe.data
     policy_dir, scorer_dir, prompt_source = resolve(recipe, section, name)
     prompts = load_prompts(prompt_source, read_options(d))  # bad lines fail before anything is built
@@ -131,15 +133,18 @@ def run_group_stage(
             chosen = [prompts[prompt_order[(first + i) % len(prompts)]] for i in range(share)]
             ro, stats = core.iteration(chosen, iteration)
             if acc.is_main_process:
-                log_samples(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
-            kl = f" kl {stats['objective/kl']:.3f}" if "objective/kl" in stats else ""
-            info = f"reward {stats['reward/mean']:.3f}{kl}"
-            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], info)
+                rows = log_samples(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
+                run.log_samples(rows, iteration + 1)
+            headline = {"reward": stats["reward/mean"]}
+            headline |= {"kl": stats["objective/kl"]} if "objective/kl" in stats else {}
+            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], headline)
     return finish(core, prompt_stats)
 
 
-def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> None:
-    """The first ``count`` samples of an iteration (whole groups first), with reward and advantage."""
+def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` samples of an iteration (whole groups first), with reward and advantage, to
+    samples.jsonl; returns them (for the trackers' table)."""
+    rows = []
     with path.open("a") as handle:
         for i in range(min(count, len(ro["texts"]))):
             row = {"iteration": iteration, "prompt": ro["prompts"][i].prompt, "response": ro["texts"][i]}
@@ -149,6 +154,8 @@ def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> N
             if ro["ref_logps"] is not None:
                 row["kl"] = ((ro["old_logps"][i] - ro["ref_logps"][i]) * ro["mask"][i]).sum().item()
             handle.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
 
 
 def finish(core: GroupPolicyGradient, prompt_stats: DataStats) -> dict[str, Any]:

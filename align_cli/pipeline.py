@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from align_cli.engine.metrics import fmt
+from align_cli.engine.tracking import TrackingError, check_trackers
 from align_cli.recipe import RecipeError, _build, load_recipe
 from align_cli.runs import can_resume, is_complete_model
 from align_cli.stages import STAGES
@@ -102,8 +103,11 @@ def load_pipeline(path: str | Path, sets: list[str] | None = None) -> PipelineRe
     dirs: dict[str, Path] = {}
     for index, (name, entry, sets, _) in enumerate(expand(recipe.stages), start=1):
         try:
-            load_recipe(entry.recipe, None, _resolve_sets(sets, finals, dirs), stage=entry.stage)
-        except RecipeError as exc:
+            stage_recipe = load_recipe(
+                entry.recipe, None, _resolve_sets(sets, finals, dirs), stage=entry.stage
+            )
+            check_trackers(stage_recipe.training)  # a tracker package missing: before the first stage runs
+        except (RecipeError, TrackingError) as exc:
             raise RecipeError(f"pipeline recipe {p}: stage {name}: {exc}") from None
         dirs[name] = stage_dir(Path(recipe.output), index, name)
         finals[name] = dirs[name] / "final"  # a stand-in for its output

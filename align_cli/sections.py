@@ -14,6 +14,8 @@ from typing import Any
 
 from align_cli.data.formats import KINDS
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # training.report_to (engine/tracking.py)
+
 
 def choices(*allowed: str, default: Any) -> Any:
     """A dataclass field restricted to ``allowed`` values."""
@@ -193,12 +195,23 @@ class TrainingSection:
     # a NaN/inf loss or gradient: stop with an error (the last checkpoint is kept), or skip the update
     # and count it (skipped_steps in metrics and summary)
     nan_policy: str = choices("stop", "skip", default="stop")
+    # experiment trackers (accelerate's): none, or one or a list of TRACKERS; their packages are the
+    # `tracking` extra (trackio: the `trackio` extra). run_name: default the run folder's name
+    report_to: str | list[str] = "none"
+    run_name: str | None = None
+    project: str = "align"
 
     def check(self) -> list[str]:
         from align_cli.recipe import range_problems
 
         note = " (or null: no clipping)"
         problems = range_problems("training.max_grad_norm", self.max_grad_norm, "> 0", note)
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        for name in names:
+            if name not in ("none", *TRACKERS):
+                problems.append(f"training.report_to: {name!r} is not one of none, {', '.join(TRACKERS)}")
+        if "none" in names and len(names) > 1:
+            problems.append("training.report_to: none cannot be listed with a tracker")
         if len(self.adam_betas or []) != 2:
             problems.append(f"training.adam_betas: expected two numbers, got {self.adam_betas}")
         return problems

@@ -12,8 +12,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 
-def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
+def make_accelerator(precision: str, cpu: bool = False, log_with: list[str] | None = None) -> Accelerator:
+    """The run's accelerator; ``log_with``: its experiment trackers (engine/tracking.py starts them)."""
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     # accelerate keeps one global state per process; stages run one after another in one process
@@ -21,8 +23,15 @@ def make_accelerator(precision: str, cpu: bool = False) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     # the scheduler is stepped once per optimizer step, not once per process
+    # TensorBoard needs a logging folder to be accepted here; tracking.start sets the run's own once the
+    # processes agree on the run folder
+    project = ProjectConfiguration(logging_dir=".") if log_with else None
     return Accelerator(
-        mixed_precision=mixed, cpu=cpu or _launched_without_gpu(), step_scheduler_with_optimizer=False
+        mixed_precision=mixed,
+        cpu=cpu or _launched_without_gpu(),
+        step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
+        project_config=project,
     )
 
 

@@ -197,11 +197,13 @@ class Trainer:
 
         def evaluate_or_stop(at: int, row: dict[str, Any] | None = None, final: bool = False) -> dict:
             try:
-                return self.evaluate(model, run.stop, at)
+                eval_row = self.evaluate(model, run.stop, at)
             except _Interrupted:
                 if row:  # the step's training row is kept; its eval runs on resume
                     run.log(row)
                 run.stop_here(at, pending_eval=not final)  # the final evaluation reruns on resume anyway
+            run.say_eval(at, eval_row, final)
+            return eval_row
 
         with run.running():
             if run.pending_eval:
@@ -248,6 +250,7 @@ class Trainer:
                         if t.nan_policy == "skip":
                             row["skipped_steps"] = run.skipped
                         window_tokens, window_start = 0, now
+                        run.say(step, {k: row[k] for k in ("loss", "lr")} | {"tok/s": row["tokens_per_s"]})
                         if eval_due:
                             row |= evaluate_or_stop(step, row)
                         run.log({"step": row.pop("step"), **row})

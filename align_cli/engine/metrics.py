@@ -1,8 +1,9 @@
-"""Metric rows -> metrics.jsonl (appended as they come) and metrics.csv; rich tables; plots."""
+"""Metric rows -> metrics.jsonl and metrics.csv (both appended as they come); rich tables; plots."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -14,35 +15,48 @@ from rich.table import Table
 
 
 class MetricsLog:
-    """Rows of {step, ...} written to ``metrics.jsonl`` at once and to ``metrics.csv`` on flush."""
+    """Rows of {step, ...} written to ``metrics.jsonl`` and ``metrics.csv`` as they come: a run killed
+    (kill -9, a lost node) leaves every row logged before it in both files."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
         if resume_step is not None and self.jsonl.exists():
             # keep what the checkpoint covers; later rows are recomputed by the resumed run
             self.rows = [r for r in read_rows(self.jsonl) if r.get("step", 0) <= resume_step]
-        tmp = self.jsonl.with_suffix(".jsonl.tmp")  # rewritten whole: a kill here must not lose the log
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.jsonl)
+        _replace(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.flush()
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.jsonl.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if any(k not in self.columns for k in row):
+            self.flush()  # a new column: the header changes, so the file is rewritten
+        else:
+            with self.csv.open("a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self.columns).writerow(row)
 
     def flush(self) -> None:
-        columns: list[str] = []
+        """Rewrite metrics.csv whole (replaced at once: a kill meanwhile leaves the previous file)."""
         for row in self.rows:
-            columns += [k for k in row if k not in columns]
-        with self.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+            self.columns += [k for k in row if k not in self.columns]
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _replace(self.csv, buffer.getvalue())
 
     def series(self, key: str) -> list[float]:
         return [r[key] for r in self.rows if key in r]
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

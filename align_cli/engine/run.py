@@ -4,12 +4,14 @@ loops (stages/ppo.py) share, written once.
 A ``Run`` owns the optimizer and scheduler (built and prepared by accelerate), the resume from the
 latest checkpoint (with the stage's own state through one hook), periodic and requested checkpoints
 (SIGTERM/SIGINT only set a flag, answered at the loop's safe points), the NaN/inf policy, the metrics
-log, the progress bar, and the end: final models saved aside and renamed in, summary, plot, table.
-The loop itself (what a step is) stays with its stage.
+log and the experiment trackers (engine/tracking.py), the progress bar (or, when stdout is not a
+terminal, one plain line per logged step), and the end: final models saved aside and renamed in,
+summary, plot, table. The loop itself (what a step is) stays with its stage.
 """
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from align_cli.engine import tracking
 from align_cli.engine.checkpoint import SaveSchedule, latest_checkpoint, load_checkpoint, save_checkpoint
 from align_cli.engine.distributed import configure_deepspeed
 from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
@@ -64,6 +67,9 @@ class Run:
         self.metrics: MetricsLog | None = None
         self.stop: StopFlag | None = None
         self.started = time.perf_counter()
+        self.start_step = 0  # where this process began (a resumed run: its checkpoint), for the ETA
+        self.trackers: list[str] = []  # experiment trackers started (training.report_to)
+        self.plain = not console.is_terminal  # SLURM, `> train.log`: lines instead of a progress bar
         self.schedule = SaveSchedule.for_run(t.save_every, t.save_every_minutes, total, time.monotonic())
 
     @property
@@ -94,7 +100,8 @@ class Run:
             if self.is_main:
                 self.console.print(f"[bold]resumed[/] from {checkpoint} at {self.unit} {self.step}")
         self.metrics = MetricsLog(self.run_dir, resume_step=self.step) if self.is_main else None
-        self.started = time.perf_counter()
+        self.trackers = tracking.start_trackers(self.acc, self.t, self.run_dir, self.step)
+        self.started, self.start_step = time.perf_counter(), self.step
         return self.step
 
     def first(self, key: str) -> float | None:
@@ -103,8 +110,36 @@ class Run:
         return next((r[key] for r in rows if key in r), None)
 
     def log(self, row: dict[str, Any]) -> None:
+        """A metrics row (with its ``step``) to metrics.jsonl and .csv and to the trackers."""
         if self.metrics:
             self.metrics.add(row)
+        if self.trackers:
+            self.acc.log(tracking.numeric(row), step=row["step"])
+
+    def log_samples(self, rows: list[dict[str, Any]], at: int) -> None:
+        """Sampled texts of iteration ``at`` (already in samples.jsonl) as a table in the trackers."""
+        tracking.log_samples(self.acc, self.trackers, rows, at)
+
+    def say(self, at: int, figures: dict[str, Any]) -> None:
+        """When stdout is not a terminal, one plain line: ``step 12/40  loss 1.234  lr 2.0e-05  eta
+        0:01:10`` (the progress bar stands in for it in a terminal)."""
+        if not (self.plain and self.is_main):
+            return
+        parts = [f"{self.unit} {at}/{self.total}", *(f"{k} {_figure(k, v)}" for k, v in figures.items())]
+        done = at - self.start_step
+        if done > 0:
+            left = self.elapsed / done * (self.total - at)
+            parts.append(f"eta {datetime.timedelta(seconds=round(left))}")
+        self.console.print("  ".join(parts), soft_wrap=True, highlight=False, markup=False)
+
+    def say_eval(self, at: int, row: dict[str, Any], final: bool = False) -> None:
+        """When stdout is not a terminal, one plain line per evaluation: ``eval step 12  loss 1.301``
+        (``final eval step 40  ...`` for the one after the last step)."""
+        figures = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+        if figures and self.plain and self.is_main:
+            head = f"{'final eval' if final else 'eval'} {self.unit} {at}"
+            parts = [head, *(f"{k} {_figure(k, v)}" for k, v in figures.items())]
+            self.console.print("  ".join(parts), soft_wrap=True, highlight=False, markup=False)
 
     @property
     def elapsed(self) -> float:
@@ -124,7 +159,7 @@ class Run:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
-            disable=not self.is_main,
+            disable=not self.is_main or self.plain,
             transient=False,
         )
         with stop_on_signals() as stop, progress:
@@ -163,6 +198,7 @@ class Run:
         else:
             found = self.save(at, pending_eval)
         name = self.stop.name if self.stop is not None else "signal"
+        self.acc.end_training()  # the trackers' runs end with what was logged
         raise StoppedBySignal(self.name, self.run_dir, at, name or "signal", found)
 
     def non_finite(
@@ -181,9 +217,12 @@ class Run:
         if self.is_main:
             self.console.print(f"[yellow]skipped[/] {exc}; {context} (nan_policy: skip)")
 
-    def end_iteration(self, at: int, stats: dict[str, Any], lr: float, info: str) -> dict[str, Any]:
+    def end_iteration(
+        self, at: int, stats: dict[str, Any], lr: float, headline: dict[str, float]
+    ) -> dict[str, Any]:
         """The bookkeeping after on-policy iteration ``at`` (PPO, GRPO/RLOO, online DPO): its metrics row
-        logged, the progress bar moved, a periodic checkpoint when due, a requested stop answered."""
+        logged, the progress bar moved (or a plain line with the stage's ``headline`` figures, e.g.
+        reward and KL), a periodic checkpoint when due, a requested stop answered."""
         row = {
             "step": at,
             **stats,
@@ -192,7 +231,9 @@ class Run:
         row |= {"lr": lr, "elapsed_s": self.elapsed}
         self.step = at
         self.log(row)
-        self.show(at, info=info)
+        bar = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items())
+        self.show(at, info=" ".join(bar))
+        self.say(at, headline | {"lr": lr})
         self.save_if_due(at)
         if self.stop_requested():
             self.stop_here(at)
@@ -255,8 +296,20 @@ class Run:
                     runs_root() / "latest.json", final_dir, lambda: record_output(self.name, final_dir)
                 )
                 print_table(f"align {self.name}: summary", rows, self.console)
+            self.acc.end_training()
             stopped = stop_requested(stop, self.acc)
         if stopped:
             name = stop.name or "signal"
             raise StoppedBySignal(self.name, self.run_dir, self.step, name, final_dir, final_save=True)
         return summary
+
+
+def _figure(key: str, value: Any) -> str:
+    """A figure of a plain log line: lr in scientific notation, rates whole, others to 4 digits."""
+    if not isinstance(value, float) or isinstance(value, bool):
+        return str(value)
+    if key == "lr":
+        return f"{value:.1e}"
+    if key.endswith("/s"):
+        return f"{value:.0f}"
+    return f"{value:.4g}"

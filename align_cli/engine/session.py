@@ -23,6 +23,7 @@ from align_cli.engine.checkpoint import (
 from align_cli.engine.distributed import make_accelerator
 from align_cli.engine.metrics import MetricsLog
 from align_cli.engine.resume import Resume, check_resume, record_data_identity, resume_options
+from align_cli.engine.tracking import requested
 from align_cli.models import count_parameters, save_model
 from align_cli.recipe import Recipe, RecipeError
 from align_cli.runs import (
@@ -70,7 +71,7 @@ def open_run(recipe: Recipe, resume: bool | Resume) -> tuple[Path, Accelerator]:
     from accelerate.utils import broadcast_object_list
 
     options = resume_options(resume)
-    accelerator = make_accelerator(recipe.training.precision)
+    accelerator = make_accelerator(recipe.training.precision, log_with=requested(recipe.training))
     chosen = [recipe.output.dir or str(default_run_dir(recipe.stage or "run"))]
     if accelerator.num_processes > 1:  # every process must agree on a timestamped default
         broadcast_object_list(chosen)

@@ -38,6 +38,7 @@ from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.engine.tracking import check_trackers
 from align_cli.forward import response_lengths, summed_logps
 from align_cli.losses import dpo_loss, plackett_luce_dpo_loss, preference_beta, uses_reference
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, reference_copy, trained_lora
@@ -215,6 +216,7 @@ def resolve_policy(recipe: Recipe, console: Console, stage: str = "dpo") -> None
 
 def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     resolve_policy(recipe, console)
     require(recipe, "model.name_or_path", "data.train")
     cfg = recipe.dpo

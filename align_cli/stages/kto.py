@@ -37,6 +37,7 @@ from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.engine.tracking import check_trackers
 from align_cli.forward import summed_logps
 from align_cli.losses import kto_loss
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, reference_copy, trained_lora
@@ -166,6 +167,7 @@ def label_counts(examples: list[dict[str, Any]]) -> dict[str, int]:
 
 def run_kto(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     resolve_policy(recipe, console, "kto")
     require(recipe, "model.name_or_path", "data.train")
     cfg = recipe.kto

@@ -33,6 +33,7 @@ from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
+from align_cli.engine.tracking import check_trackers
 from align_cli.group_stage import resolve, reward_scorer
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer, save_model
@@ -64,6 +65,7 @@ def run_online_dpo(
     recipe: Recipe, resume: bool | Resume = False, console: Console | None = None
 ) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     section, t, d = recipe.online_dpo, recipe.training, recipe.data
     s = settings(recipe)
     policy_dir, scorer_dir, prompt_source = resolve(recipe, section, "online_dpo")
@@ -106,19 +108,24 @@ def run_online_dpo(
                 prompts[prompt_order[(first + i) % len(prompts)]] for i in range(s.prompts_per_iteration)
             ]
             ro, stats = core.iteration(chosen, iteration)
-            log_pairs(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
-            info = f"reward {stats['reward/mean']:.3f} pairs {len(ro['pairs'])}"
-            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], info)
+            rows = log_pairs(run_dir / "samples.jsonl", ro, iteration + 1, section.log_samples)
+            run.log_samples(rows, iteration + 1)
+            headline = {"reward": stats["reward/mean"], "pairs": len(ro["pairs"])}
+            run.end_iteration(iteration + 1, stats, core.scheduler.get_last_lr()[0], headline)
     return finish(core, prompt_stats)
 
 
-def log_pairs(path: Path, ro: dict[str, Any], iteration: int, count: int) -> None:
-    """The first ``count`` pairs of an iteration: prompt, chosen and rejected with their rewards."""
+def log_pairs(path: Path, ro: dict[str, Any], iteration: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` pairs of an iteration: prompt, chosen and rejected with their rewards, to
+    samples.jsonl; returns them (for the trackers' table)."""
+    rows = []
     with path.open("a") as handle:
         for prompt, chosen, rejected, chosen_reward, rejected_reward in ro["pairs"][:count]:
             row = {"iteration": iteration, "prompt": prompt.prompt, "chosen": chosen, "rejected": rejected}
             row |= {"chosen_reward": chosen_reward, "rejected_reward": rejected_reward}
             handle.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
 
 
 def finish(core: OnlineDPO, prompt_stats: DataStats) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
 from align_cli.engine.session import open_run, save_final
+from align_cli.engine.tracking import check_trackers
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_tokenizer, save_model
 from align_cli.ppo_core import PPO, load_models
@@ -55,6 +56,7 @@ def _resolve(recipe: Recipe) -> tuple[str, str, str]:
 
 def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     p, t, d = recipe.ppo, recipe.training, recipe.data
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, read_options(d))  # bad lines fail before anything is built
@@ -100,19 +102,24 @@ def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
                 [prompts[i] for i in chosen[acc.process_index :: acc.num_processes]], iteration
             )
             if acc.is_main_process:
-                log_samples(run_dir / "samples.jsonl", ro, iteration + 1, p.log_samples)
-            info = f"score {stats['score/mean']:.3f} kl {stats['objective/kl']:.3f}"
-            run.end_iteration(iteration + 1, stats, ppo.scheduler.get_last_lr()[0], info)
+                rows = log_samples(run_dir / "samples.jsonl", ro, iteration + 1, p.log_samples)
+                run.log_samples(rows, iteration + 1)
+            headline = {"score": stats["score/mean"], "kl": stats["objective/kl"]}
+            run.end_iteration(iteration + 1, stats, ppo.scheduler.get_last_lr()[0], headline)
     return finish_ppo(ppo, prompt_stats, ptx_stats)
 
 
-def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> None:
-    """The first ``count`` samples of an iteration, with their scores and KL, to samples.jsonl."""
+def log_samples(path: Path, ro: dict[str, Any], iteration: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` samples of an iteration, with their scores and KL, to samples.jsonl; returns
+    them (for the trackers' table)."""
+    rows = []
     with path.open("a") as handle:
         for i in range(min(count, len(ro["texts"]))):
             row = {"iteration": iteration, "prompt": ro["prompts"][i].prompt, "response": ro["texts"][i]}
             row |= {"score": ro["scores"][i].item(), "kl": ro["kl"][i].sum().item()}
             handle.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
 
 
 def finish_ppo(ppo: PPO, prompt_stats: DataStats, ptx_stats: DataStats) -> dict[str, Any]:

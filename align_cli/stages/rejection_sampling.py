@@ -33,6 +33,7 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
+from align_cli.engine.tracking import check_trackers, numeric, start_trackers
 from align_cli.generation import choose_backend
 from align_cli.memory import MemoryPlan, meta_model, trained_lora
 from align_cli.models import load_tokenizer
@@ -209,6 +210,10 @@ def sft_on_round(recipe: Recipe, round_dir: Path, policy_dir: str, console: Cons
             "auto",
         )
         sft_recipe.output.dir, sft_recipe.output.overwrite = str(sft_dir), True  # a folder of this run
+        # its tracker run is named after this run and round (the folder's own name is just "sft")
+        sft_recipe.training.run_name = (
+            f"{recipe.training.run_name or round_dir.parent.name}-{round_dir.name}-sft"
+        )
         run_sft(sft_recipe, resume=can_resume(sft_dir, "sft"), console=console)
     return str(sft_dir / FINAL)
 
@@ -246,6 +251,7 @@ def run_rejection_sampling(
     recipe: Recipe, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
     prompts = load_prompts(prompt_source, read_options(recipe.data))  # bad lines fail here
@@ -306,6 +312,11 @@ def run_rejection_sampling(
                 ) from None
         figures["policy_after"] = policy_dir
         rounds.append(figures)
+    # each round's figures, once the rounds are done: a round's SFT (`then: sft`) runs its own trackers,
+    # which must not nest inside this run's (W&B would hand it this run, MLflow refuse a second one)
+    if start_trackers(accelerator, recipe.training, run_dir):
+        for r, figures in enumerate(rounds, start=1):
+            accelerator.log(numeric({**figures, **figures.get("reward_sources", {})}), step=r)
     for name in ("samples.jsonl", "best.jsonl", "pairs.jsonl"):  # the last round's, at the top for chaining
         if main:
             shutil.copy(run_dir / f"round-{rs.rounds}" / name, run_dir / name)
@@ -338,6 +349,7 @@ def run_rejection_sampling(
         console.print(table)
     if main:
         write_summary(run_dir, summary)
+    accelerator.end_training()
     return summary
 
 

@@ -33,6 +33,7 @@ from align_cli.data.tokenize import DataStats
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.engine.tracking import check_trackers
 from align_cli.forward import reward_scores
 from align_cli.losses import pairwise_reward_loss, ranking_pairs, reward_centering_loss
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
@@ -192,6 +193,7 @@ def run_reward(
     recipe: Recipe, resume: bool | Resume = False, console: Console | None = None
 ) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     require(recipe, "data.train")
     resolve_model(recipe, console)
     tokenizer = load_tokenizer(recipe.model)

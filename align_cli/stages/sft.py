@@ -25,6 +25,7 @@ from align_cli.data.tokenize import IGNORE_INDEX, DataStats, tokenize_sft
 from align_cli.engine.loop import StageSpec, Trainer
 from align_cli.engine.resume import Resume
 from align_cli.engine.session import finish_run, open_run, require, split_holdout
+from align_cli.engine.tracking import check_trackers
 from align_cli.forward import response_logprobs
 from align_cli.memory import MemoryPlan, meta_model, print_estimate, trained_lora
 from align_cli.models import load_causal_lm, load_tokenizer
@@ -70,6 +71,7 @@ def prepare_sft_data(recipe: Recipe, tokenizer: Any) -> tuple[list, list, dict[s
 
 def run_sft(recipe: Recipe, resume: bool | Resume = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
+    check_trackers(recipe.training)  # a missing tracker package: before any model loads
     require(recipe, "model.name_or_path", "data.train")
     tokenizer = load_tokenizer(recipe.model)
     train, held, data_stats = prepare_sft_data(recipe, tokenizer)  # bad data fails before any run dir exists
