@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from align_cli.sections import (
     choices,
 )
 from align_cli.stages import STAGES, section_names
+from align_cli.suggest import recipe_keys, unknown_key
 
 
 class RecipeError(AlignError, ValueError):
@@ -186,6 +188,10 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return None
 
 
+# every key the command being validated reads: where an unknown key's suggestion is looked for
+_VALID_KEYS: ContextVar[list[str] | None] = ContextVar("valid_keys", default=None)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -193,7 +199,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            errors.append(f"{where}: unknown key (allowed: {', '.join(known) or 'none'})")
+            errors.append(unknown_key(where, list(known), _VALID_KEYS.get()))
             continue
         converted = _coerce(value, hints[key], where, errors)
         allowed = known[key].metadata.get("choices")
@@ -347,7 +353,16 @@ def load_recipe(
     elif stage_name is not None:
         errors += _not_read(tree, stage_name)
         tree = _with_defaults(STAGES[stage_name].defaults, tree)
-    recipe = _build(Recipe, tree, "", errors)
+    stage_entry = STAGES.get(stage_name) if isinstance(stage_name, str) else None
+    sections = (*COMMON_SECTIONS, stage_entry.section) if stage_entry and stage_entry.section else None
+    valid = recipe_keys(
+        Recipe, sections or (*COMMON_SECTIONS, *section_names()), stage_entry.unread if stage_entry else ()
+    )
+    token = _VALID_KEYS.set(["stage", *valid])
+    try:
+        recipe = _build(Recipe, tree, "", errors)
+    finally:
+        _VALID_KEYS.reset(token)
     errors += _check_values(recipe)
     if errors:
         source = f"recipe {path}" if path else "recipe"
