@@ -429,6 +429,19 @@ def _check_values(r: Recipe) -> list[str]:
             "training.micro_batch_size: KTO estimates its KL baseline from mismatched pairs within a "
             "micro-batch; use at least 2"
         )
+    errors += _backend_problems(r)
     if stage and "data.eval" in stage.unread and isinstance(d.train, list):
         errors.append("data.train: a mixture of sources is for training data; prompts come from one source")
     return errors
+
+
+def _backend_problems(r: Recipe) -> list[str]:
+    """A backend key set to vllm (rejection.backend) without vLLM installed: said now, before torch
+    loads (a missing GPU is checked when the run starts, before any model loads)."""
+    import importlib.util
+
+    return [
+        f"{name}.backend: vllm is not installed (pip install 'align-cli[vllm]'), or use backend auto"
+        for name in r.sections()
+        if getattr(getattr(r, name), "backend", None) == "vllm" and importlib.util.find_spec("vllm") is None
+    ]

@@ -160,3 +160,48 @@ def test_resume_alone_continues_the_newest_unfinished_run(tiny_model: Path, runs
     assert list((runs_dir / "sft").iterdir()) == [run] and (run / "final").is_dir()
     again = runner.invoke(app, [*base, "--resume"])  # finished now: nothing left to resume
     assert again.exit_code == 2 and "no unfinished sft run" in again.output
+
+
+def test_version_and_completion():
+    from importlib.metadata import version
+
+    done, seconds = _align("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"align {version('align-cli')}", done
+    assert seconds < FAST_S, seconds
+    done, _ = _align("--show-completion", "bash")
+    assert done.returncode == 0 and "complete" in done.stdout, done
+    assert "--install-completion" in _align("--help")[0].stdout
+
+
+def _without_vllm(monkeypatch: pytest.MonkeyPatch, found: bool = False) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    fake = object() if found else None
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: fake if name == "vllm" else real(name, *a)
+    )
+
+
+def test_vllm_backend_without_vllm_is_a_recipe_error(monkeypatch: pytest.MonkeyPatch):
+    from align_cli.recipe import RecipeError, load_recipe
+
+    _without_vllm(monkeypatch)
+    with pytest.raises(
+        RecipeError, match=r"rejection.backend: vllm is not installed \(pip install 'align-cli\[vllm\]'\)"
+    ):
+        load_recipe(None, None, ["rejection.backend=vllm"], stage="rejection-sample")
+    load_recipe(None, None, ["rejection.backend=auto"], stage="rejection-sample")
+
+
+def test_vllm_backend_without_a_gpu_fails_before_models_load(monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from align_cli.errors import AlignError
+    from align_cli.generation import choose_backend
+
+    _without_vllm(monkeypatch, found=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AlignError, match="vLLM needs a CUDA GPU"):
+        choose_backend("vllm")
+    assert choose_backend("transformers") == "transformers"
