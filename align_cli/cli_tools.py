@@ -121,7 +121,8 @@ frontier.__doc__ += _CODE_WARNING
     "eval",
     epilog=_epilog(
         (
-            "align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl "
+            "align eval -m runs/dpo/final --reference runs/sft/final "
+            "--prompts examples/sentiment/data/prompts_eval.jsonl "
             "--ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
         )
     ),
@@ -271,7 +272,7 @@ def init_model(
     epilog=_epilog(
         (
             "align data check examples/data/alpaca.jsonl --model examples/models/tiny",
-            "align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+            "align data check examples/data/prefs.jsonl --recipe recipes/dpo-tiny.yaml",
             "align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
         )
     ),
