@@ -147,10 +147,15 @@ def _setup_logging() -> None:
 
 
 def quiet_libraries() -> None:
-    """Our own progress bar is the one to watch (called once a recipe is valid: it imports transformers)."""
-    from transformers.utils import logging as hf_logging
+    """Our own progress bar is the one to watch. transformers takes its progress-bar setting from
+    huggingface_hub's when it is imported, so this imports neither it nor torch (errors stay fast)."""
+    from huggingface_hub.utils import disable_progress_bars
 
-    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    if sys.modules.get("transformers") is not None:  # imported already: tell it too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -189,9 +189,14 @@ def plan(
 
     Weights, gradients, optimizer state (by optimizer), activations of one micro-batch, frozen models
     (reference, reward model) and the sampling KV cache, so you know before launching whether a run fits."""
-    from align_cli.memory import print_plan
 
-    _guarded(lambda: print_plan(recipe, model, set_, processes, shard, device, console))
+    def estimate() -> None:
+        load_recipe(recipe, {"model.name_or_path": model}, set_)  # a recipe error before torch loads
+        from align_cli.memory import print_plan
+
+        print_plan(recipe, model, set_, processes, shard, device, console)
+
+    _guarded(estimate)
 
 
 @app.command(

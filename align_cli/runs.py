@@ -19,9 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
-from align_cli.engine.checkpoint import latest_checkpoint
 from align_cli.errors import AlignError
 
 FINAL = "final"
@@ -55,6 +52,8 @@ def can_resume(run_dir: Path, stage: str) -> bool:
     finished rounds are kept), a training stage a complete checkpoint."""
     if stage == "rejection-sample":
         return (run_dir / "recipe.yaml").is_file()
+    from align_cli.engine.checkpoint import latest_checkpoint  # torch: imported once a run is at hand
+
     return latest_checkpoint(run_dir) is not None
 
 
@@ -249,6 +248,8 @@ def after_final(path: Path, final_dir: Path, write: Callable[[], Any]) -> None:
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory if on GPU, else the process's peak resident set size."""
+    import torch  # here: this module is imported by commands that report errors before torch loads
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -18,12 +18,23 @@ from tests.conftest import EXAMPLES, ROOT
 FAST_S = 4.0
 
 
-def _align(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """`align ARGS` in a fresh interpreter (what a user waits for), and its wall time."""
+# `align ARGS` with torch and transformers unimportable: an error reported before they load still reads
+# as itself, one that comes later is an ImportError
+_NO_TORCH = (
+    "import sys; sys.modules.update(torch=None, transformers=None); sys.argv[0] = 'align'; "
+    "from align_cli.cli import main; main()"
+)
+
+
+def _align(
+    *args: str, env: dict[str, str] | None = None, torch: bool = False
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`align ARGS` in a fresh interpreter (what a user waits for), and its wall time; without torch
+    unless ``torch``."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "align_cli.cli", *args],
+        [sys.executable, *(["-m", "align_cli.cli"] if torch else ["-c", _NO_TORCH]), *args],
         capture_output=True,
         text=True,
         env=environment,
@@ -77,6 +88,31 @@ def test_a_data_error_is_reported_before_torch_loads(
     assert f"{bad}{expected}" in done.stderr, done.stderr
     assert seconds < FAST_S, seconds
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["plan", "-r", "RECIPE"], "training.lrr: unknown key; did you mean training.lr?"),
+        (["data", "check", "DATA"], "DATA:2: malformed JSON"),
+        (["pipeline", "-r", "PIPELINE"], "stages[0].stage: 'sftt' is not one of"),
+    ],
+)
+def test_the_helper_commands_report_input_errors_before_torch_loads(
+    args: list[str], expected: str, tmp_path: Path
+):
+    files = {
+        "RECIPE": ("r.yaml", "stage: dpo\ntraining:\n  lrr: 1\n"),
+        "DATA": ("d.jsonl", ALPACA + '{"instruction": \n'),
+        "PIPELINE": ("p.yaml", "output: x\nstages:\n  - {name: a, stage: sftt}\n"),
+    }
+    for placeholder, (name, text) in files.items():
+        (tmp_path / name).write_text(text)
+        args = [str(tmp_path / name) if a == placeholder else a for a in args]
+        expected = expected.replace(placeholder, str(tmp_path / name))
+    done, seconds = _align(*args)
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert seconds < FAST_S, seconds
 
 
 def test_the_precheck_kinds_match_the_stages():
