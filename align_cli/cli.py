@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from align_cli.engine.resume import Resume
+from align_cli.data.precheck import precheck_data
 from align_cli.errors import AlignError
 from align_cli.recipe import load_recipe
 from align_cli.stages import STAGES, Stage
@@ -33,8 +34,33 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # align --install-completion / --show-completion (bash, zsh, fish, PowerShell)
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"align {version('align-cli')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            console.print("align (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print align's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Align a language model: SFT, reward model, PPO, rejection sampling and DPO."""
+
+
 data_app = typer.Typer(help="Inspect and validate data files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -121,10 +147,15 @@ def _setup_logging() -> None:
 
 
 def quiet_libraries() -> None:
-    """Our own progress bar is the one to watch (called once a recipe is valid: it imports transformers)."""
-    from transformers.utils import logging as hf_logging
+    """Our own progress bar is the one to watch. transformers takes its progress-bar setting from
+    huggingface_hub's when it is imported, so this imports neither it nor torch (errors stay fast)."""
+    from huggingface_hub.utils import disable_progress_bars
 
-    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    if sys.modules.get("transformers") is not None:  # imported already: tell it too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -149,7 +180,6 @@ def _guarded(
     """The one place errors are printed: an AlignError becomes one red line and exit code 2; a stop by
     signal (checkpoint saved) is a clean exit that says how to continue."""
     from align_cli.engine.signals import StoppedBySignal
-    from align_cli.runs import release_run_dirs
 
     _setup_logging()
     try:
@@ -169,7 +199,8 @@ def _guarded(
     except KeyboardInterrupt:
         _fail("interrupted", code=130)
     finally:
-        release_run_dirs()  # the run folders this command held (CliRunner runs many in one process)
+        if "align_cli.runs" in sys.modules:  # imported only once a run began (it imports torch)
+            sys.modules["align_cli.runs"].release_run_dirs()  # CliRunner runs many in one process
 
 
 # ----------------------------------------------------------------------------- training stages
@@ -187,18 +218,20 @@ def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
             if any(value not in (None, False) for value in given.values()):
                 _fail(f"`align {stage.name} {ctx.invoked_subcommand}` takes its own flags, after its name")
             return
-        from_previous, with_changes = given.get("resume_from_previous"), given.get("resume_with_changes")
-        resume = (
-            Resume(bool(from_previous), bool(with_changes))
-            if from_previous or with_changes
-            else given["resume"]
-        )
         overrides = {key: given[name] for name, _, _, key in options if key}
         if overrides["output.dir"] is not None:
             overrides["output.dir"] = str(overrides["output.dir"])
 
         def run() -> None:
+            # recipe and data are checked before torch is imported: a mistake is reported in a second
             recipe = load_recipe(given["recipe"], overrides, given["set_"], stage=stage.name)
+            precheck_data(recipe, stage.name)
+            resume = _resume_mode(given)
+            if resume and recipe.output.dir is None:  # --resume alone: the newest unfinished run
+                from align_cli.runs import latest_unfinished_run
+
+                recipe.output.dir = str(latest_unfinished_run(stage.name))
+                console.print(f"resuming {recipe.output.dir}")
             quiet_libraries()
             stage.load().run(recipe, resume=resume, console=console)
 
@@ -215,6 +248,16 @@ def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
     command.__doc__ = stage.help
     command.__name__ = stage.name.replace("-", "_")
     return command
+
+
+def _resume_mode(given: dict[str, Any]) -> Any:
+    """False, True (--resume) or a Resume with the variant flags; imported here: it imports torch."""
+    from_previous, with_changes = given.get("resume_from_previous"), given.get("resume_with_changes")
+    if not (from_previous or with_changes):
+        return given["resume"]
+    from align_cli.engine.resume import Resume
+
+    return Resume(bool(from_previous), bool(with_changes))
 
 
 def _epilog(examples: tuple[str, ...]) -> str:

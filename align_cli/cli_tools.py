@@ -122,7 +122,8 @@ frontier.__doc__ += _CODE_WARNING
     "eval",
     epilog=_epilog(
         (
-            "align eval -m runs/dpo/final --reference runs/sft/final --prompts prompts_eval.jsonl "
+            "align eval -m runs/dpo/final --reference runs/sft/final "
+            "--prompts examples/sentiment/data/prompts_eval.jsonl "
             "--ground-truth examples.sentiment.reviews:sentiment --reward-model runs/reward/final",
         )
     ),
@@ -290,9 +291,14 @@ def plan(
 
     Weights, gradients, optimizer state (by optimizer), activations of one micro-batch, frozen models
     (reference, reward model) and the sampling KV cache, so you know before launching whether a run fits."""
-    from align_cli.memory import print_plan
 
-    _guarded(lambda: print_plan(recipe, model, set_, processes, shard, device, console))
+    def estimate() -> None:
+        load_recipe(recipe, {"model.name_or_path": model}, set_)  # a recipe error before torch loads
+        from align_cli.memory import print_plan
+
+        print_plan(recipe, model, set_, processes, shard, device, console)
+
+    _guarded(estimate)
 
 
 @app.command(
@@ -373,7 +379,7 @@ def init_model(
     epilog=_epilog(
         (
             "align data check examples/data/alpaca.jsonl --model examples/models/tiny",
-            "align data check prefs.jsonl --recipe recipes/dpo-tiny.yaml",
+            "align data check examples/data/prefs.jsonl --recipe recipes/dpo-tiny.yaml",
             "align data check HuggingFaceH4/ultrafeedback_binarized:train_prefs --stage dpo",
         )
     ),

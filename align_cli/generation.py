@@ -8,6 +8,7 @@ used when it is installed and a GPU is present (``backend="auto"``); plain trans
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from align_cli.errors import AlignError
 
 log = logging.getLogger("align")
 
@@ -49,7 +52,17 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+VLLM_EXTRA = "pip install 'align-cli[vllm]'"
+
+
 def choose_backend(requested: str = "auto") -> str:
+    """The generation backend: "auto" is vLLM when installed and a GPU is present. An explicit "vllm"
+    without either is an AlignError (the recipe check catches a missing vLLM before torch loads)."""
+    if requested == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise AlignError(f"backend vllm: vLLM is not installed ({VLLM_EXTRA})")
+        if not torch.cuda.is_available():
+            raise AlignError("backend vllm: vLLM needs a CUDA GPU and none is visible; use backend auto")
     if requested != "auto":
         return requested
     try:

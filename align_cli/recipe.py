@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from align_cli.sections import (
     choices,
 )
 from align_cli.stages import STAGES, section_names
+from align_cli.suggest import recipe_keys, unknown_key
 
 
 class RecipeError(AlignError, ValueError):
@@ -186,6 +188,10 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return None
 
 
+# every key the command being validated reads: where an unknown key's suggestion is looked for
+_VALID_KEYS: ContextVar[list[str] | None] = ContextVar("valid_keys", default=None)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -193,7 +199,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> A
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            errors.append(f"{where}: unknown key (allowed: {', '.join(known) or 'none'})")
+            errors.append(unknown_key(where, list(known), _VALID_KEYS.get()))
             continue
         converted = _coerce(value, hints[key], where, errors)
         allowed = known[key].metadata.get("choices")
@@ -347,7 +353,16 @@ def load_recipe(
     elif stage_name is not None:
         errors += _not_read(tree, stage_name)
         tree = _with_defaults(STAGES[stage_name].defaults, tree)
-    recipe = _build(Recipe, tree, "", errors)
+    stage_entry = STAGES.get(stage_name) if isinstance(stage_name, str) else None
+    sections = (*COMMON_SECTIONS, stage_entry.section) if stage_entry and stage_entry.section else None
+    valid = recipe_keys(
+        Recipe, sections or (*COMMON_SECTIONS, *section_names()), stage_entry.unread if stage_entry else ()
+    )
+    token = _VALID_KEYS.set(["stage", *valid])
+    try:
+        recipe = _build(Recipe, tree, "", errors)
+    finally:
+        _VALID_KEYS.reset(token)
     errors += _check_values(recipe)
     if errors:
         source = f"recipe {path}" if path else "recipe"
@@ -414,6 +429,19 @@ def _check_values(r: Recipe) -> list[str]:
             "training.micro_batch_size: KTO estimates its KL baseline from mismatched pairs within a "
             "micro-batch; use at least 2"
         )
+    errors += _backend_problems(r)
     if stage and "data.eval" in stage.unread and isinstance(d.train, list):
         errors.append("data.train: a mixture of sources is for training data; prompts come from one source")
     return errors
+
+
+def _backend_problems(r: Recipe) -> list[str]:
+    """A backend key set to vllm (rejection.backend) without vLLM installed: said now, before torch
+    loads (a missing GPU is checked when the run starts, before any model loads)."""
+    import importlib.util
+
+    return [
+        f"{name}.backend: vllm is not installed (pip install 'align-cli[vllm]'), or use backend auto"
+        for name in r.sections()
+        if getattr(getattr(r, name), "backend", None) == "vllm" and importlib.util.find_spec("vllm") is None
+    ]

@@ -19,9 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
-from align_cli.engine.checkpoint import latest_checkpoint
 from align_cli.errors import AlignError
 
 FINAL = "final"
@@ -55,7 +52,29 @@ def can_resume(run_dir: Path, stage: str) -> bool:
     finished rounds are kept), a training stage a complete checkpoint."""
     if stage == "rejection-sample":
         return (run_dir / "recipe.yaml").is_file()
+    from align_cli.engine.checkpoint import latest_checkpoint  # torch: imported once a run is at hand
+
     return latest_checkpoint(run_dir) is not None
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run that completed: its final model, or (rejection sampling without SFT) its summary.json."""
+    return (run_dir / FINAL).is_dir() or (run_dir / "summary.json").is_file()
+
+
+def latest_unfinished_run(stage: str) -> Path:
+    """The run ``--resume`` without ``--out`` continues: the newest (by modification time) folder under
+    runs/<stage>/ that has something to resume and is not finished. RunDirError says where it looked."""
+    folder = runs_root() / stage
+    runs = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    unfinished = [p for p in runs if can_resume(p, stage) and not is_finished(p)]
+    if not unfinished:
+        what = "a started run" if stage == "rejection-sample" else "a complete checkpoint"
+        raise RunDirError(
+            f"--resume without --out: no unfinished {stage} run in {folder} (looked for a folder with "
+            f"{what} and no final/ nor summary.json; {len(runs)} run folder(s) there); name one with --out"
+        )
+    return max(unfinished, key=lambda p: p.stat().st_mtime)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, stage: str = "") -> None:
@@ -229,6 +248,8 @@ def after_final(path: Path, final_dir: Path, write: Callable[[], Any]) -> None:
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory if on GPU, else the process's peak resident set size."""
+    import torch  # here: this module is imported by commands that report errors before torch loads
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

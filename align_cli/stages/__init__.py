@@ -180,7 +180,8 @@ STAGES: dict[str, Stage] = {
             (
                 "align rejection-sample --n 16 --prompts examples/data/prompts.jsonl  (last sft + reward)",
                 "align rejection-sample -r recipes/rejection-tiny.yaml --rounds 2 --then sft",
-                "align rejection-sample -m runs/sft/final --reward-model runs/reward/final --prompts p.jsonl "
+                "align rejection-sample -m runs/sft/final --reward-model runs/reward/final "
+                "--prompts examples/data/prompts.jsonl "
                 "--set rejection.select=top_k --set rejection.keep=2",
                 "align rejection-sample -m runs/sft/final --prompts examples/verifiable/data/train.jsonl "
                 "--set 'rejection.reward_functions=[examples/verifiable/rewards.py:right_parity]'",
@@ -211,7 +212,8 @@ STAGES: dict[str, Stage] = {
             (
                 "align ppo --prompts examples/data/prompts.jsonl      (last sft and reward)",
                 "align ppo -r recipes/ppo-tiny.yaml --set ppo.kl_coef=0.2 --set ppo.adaptive_kl=true",
-                "align ppo -r recipes/ppo-tiny.yaml --set ppo.ptx_data=reviews.jsonl --set ppo.ptx_coef=1.0",
+                "align ppo -r recipes/ppo-tiny.yaml --set ppo.ptx_data=examples/data/alpaca.jsonl "
+                "--set ppo.ptx_coef=1.0",
             ),
             unread={
                 "training.epochs": "PPO runs ppo.iterations (or training.max_steps) iterations",

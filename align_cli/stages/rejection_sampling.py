@@ -254,6 +254,7 @@ def run_rejection_sampling(
     check_trackers(recipe.training)  # a missing tracker package: before any model loads
     rs = recipe.rejection
     policy_dir, scorer_dir, prompt_source = _resolve(recipe)
+    backend = choose_backend(rs.backend)  # vLLM without a GPU fails here, before any model loads
     prompts = load_prompts(prompt_source, read_options(recipe.data))  # bad lines fail here
     # too long: dropped and counted, as is max_prompts
     room = prompt_room(recipe.data.max_length, rs.max_new_tokens, recipe.data.max_prompt_length)
@@ -263,7 +264,6 @@ def run_rejection_sampling(
     reward = load_reward_source(
         scorer_dir, rs.reward_functions, rs.reward_weights, recipe.data.template, rs.score_batch_size
     )
-    backend = choose_backend(rs.backend)
     run_dir, accelerator = open_run(recipe, resume)
     reward.to(accelerator.device)
     main = accelerator.is_main_process
