@@ -3,19 +3,26 @@ so a reward model or policy used with plain transformers gives align's numbers."
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from align_cli.cli import app
+from align_cli.data.preference import fit_lengths
 from align_cli.data.tokenize import encode_segments, special_prefix
+from align_cli.errors import AlignError
 from align_cli.forward import summed_logps
 from align_cli.presets import init_model
+from align_cli.recipe import RecipeError
 from align_cli.stages.reward import run_reward
+from align_cli.stages.sft import run_sft
 from tests.conftest import EXAMPLES
 from tests.helpers import make_recipe, quiet_console
 
@@ -68,6 +75,10 @@ def test_reward_score_equals_plain_transformers(start_model: Path, tmp_path: Pat
             with torch.no_grad():
                 plain = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
             assert row[f"reward_{key}"] == pytest.approx(plain, abs=1e-5), key
+    header, body = _card(final)  # the reward model's card loads it as a sequence classifier
+    assert {"align", "reward", "reward-trainer"} <= set(header["tags"])
+    assert header["pipeline_tag"] == "text-classification" and "AutoModelForSequenceClassification" in body
+    exec(_snippet(body), {})
 
 
 def test_policy_logprob_equals_plain_transformers(start_model: Path):
@@ -87,3 +98,147 @@ def test_policy_logprob_equals_plain_transformers(start_model: Path):
         ours = summed_logps(model, batch).item()
         logps = model(own).logits[0, :-1].log_softmax(-1).gather(-1, own[0, 1:, None])[:, 0]
     assert ours == pytest.approx(logps[-n_response:].sum().item(), abs=1e-5)
+
+
+def test_a_cut_prompt_keeps_only_the_tokenizers_own_prefix():
+    # a tokenizer without BOS: the prompt's first token is text, and a long prompt keeps its end only
+    assert fit_lengths([5, 6, 7, 8], [[1]], 16, 2, keep_first=0) == ([7, 8], [[1]], True)
+    assert fit_lengths([1, 6, 7, 8], [[1]], 16, 2, keep_first=1) == ([1, 8], [[1]], True)
+
+
+# ----------------------------------------------------------------------------- model cards, checkpoints, best
+
+
+def _card(model_dir: Path) -> tuple[dict, str]:
+    text = (model_dir / "README.md").read_text()
+    assert text.startswith("---\n")
+    header, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(header), body
+
+
+def _snippet(body: str) -> str:
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def stopped_sft(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An SFT run with evals every 2 steps, save_best and patience 1. best_metric eval/loss with
+    greater_is_better true makes the first eval the best and the second one (the loss falls) no better, so
+    the run stops early at step 4 of 12, deterministically."""
+    root = tmp_path_factory.mktemp("stopped")
+    data = root / "alpaca.jsonl"
+    data.write_text("".join((EXAMPLES / "alpaca.jsonl").read_text().splitlines(keepends=True)[:64]))
+    sets = [
+        "data.eval_fraction=0.25",
+        "training.max_steps=12",
+        "training.micro_batch_size=8",
+        "training.lr=3e-3",
+        "training.eval_every=2",
+        "training.save_every=2",
+        "training.keep_last=3",
+        "training.save_best=true",
+        "training.best_metric=eval_loss",  # HF's spelling of eval/loss
+        "training.greater_is_better=true",
+        "training.early_stopping_patience=1",
+    ]
+    output = io.StringIO()
+    console = Console(file=output, width=200)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_RUNS_DIR", str(root / "runs"))
+        summary = run_sft(make_recipe("sft", tiny_model, data, root / "run", sets), console=console)
+    return {"summary": summary, "run": root / "run", "table": output.getvalue()}
+
+
+def test_early_stopping_and_the_best_checkpoint(stopped_sft: dict):
+    summary, run = stopped_sft["summary"], stopped_sft["run"]
+    assert summary["steps"] == 4 and summary["early_stopped_at"] == 4, summary
+    assert summary["best_step"] == 2 and "best_eval/loss" in summary
+    assert "early stopped" in stopped_sft["table"] and "at step 4" in stopped_sft["table"]
+    assert json.loads((run / "best" / "best.json").read_text())["best_step"] == 2
+    best = AutoModelForCausalLM.from_pretrained(run / "best")
+    assert _weights_equal(best, AutoModelForCausalLM.from_pretrained(run / "checkpoint-0000002"))
+    assert not _weights_equal(best, AutoModelForCausalLM.from_pretrained(run / "final"))
+
+
+def test_a_checkpoint_loads_with_from_pretrained(stopped_sft: dict):
+    run = stopped_sft["run"]
+    checkpoint = run / "checkpoint-0000004"  # the step the run ended at: the final model's weights
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    inputs = tokenizer("What is 2 plus 4?", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, final(**inputs).logits)
+    assert _weights_equal(model, final)
+    # one copy of the weights: accelerate's, which from_pretrained reads; no second safetensors
+    assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_final_model_card(stopped_sft: dict, tiny_model: Path):
+    header, body = _card(stopped_sft["run"] / "final")
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"
+    assert {"align", "sft"} <= set(header["tags"])
+    assert "base_model" not in header  # a local start model is no Hub id
+    assert str(tiny_model) in body and "alpaca.jsonl" in body and "align sft --recipe recipe.yaml" in body
+    assert "| best_step | 2 |" in body and "| early_stopped_at | 4 |" in body
+    recipe = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recipe["training"]["save_best"] is True and "ppo" not in recipe and "dpo" not in recipe
+    exec(_snippet(body), {})  # the card's own loading code runs
+    assert (stopped_sft["run"] / "best" / "README.md").is_file()
+
+
+def test_lora_checkpoint_and_card(tiny_model: Path, tmp_path: Path, monkeypatch):
+    from peft import PeftConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ALIGN_RUNS_DIR", str(tmp_path / "runs"))
+    lora = ["model.lora.enabled=true", "model.lora.r=2", "model.lora.alpha=4", "model.lora.dropout=0.0"]
+    sets = ["training.max_steps=2", "training.micro_batch_size=4", "training.save_every=1", *lora]
+    run_sft(
+        make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", tmp_path / "run", sets),
+        console=quiet_console(),
+    )
+    run = tmp_path / "run"
+    header, body = _card(run / "final")
+    assert header["library_name"] == "peft" and {"align", "sft", "lora"} <= set(header["tags"])
+    assert "PeftModel.from_pretrained" in body
+    exec(_snippet(body), {})
+    # the step-1 checkpoint holds peft's adapter files: loaded onto the base they give the model that
+    # accelerate's state (what --resume loads) holds
+    checkpoint = run / "checkpoint-0000001"
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model)  # noqa: E731
+    resumed = get_peft_model(base(), PeftConfig.from_pretrained(checkpoint))
+    resumed.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    loaded = PeftModel.from_pretrained(base(), checkpoint).merge_and_unload()
+    assert _weights_equal(loaded, resumed.merge_and_unload())
+    assert not _weights_equal(loaded, base())
+
+
+def test_best_settings_need_evaluations(tiny_model: Path, tmp_path: Path):
+    with pytest.raises(RecipeError, match="training.save_best: needs evaluations"):
+        make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", tmp_path, ["training.save_best=true"])
+    with pytest.raises(RecipeError, match="training.early_stopping_patience"):
+        make_recipe(
+            "ppo", tiny_model, EXAMPLES / "prompts.jsonl", tmp_path, ["training.early_stopping_patience=2"]
+        )
+    with pytest.raises(AlignError, match="no eval data"):
+        sets = ["training.save_best=true", "training.eval_every=1", "training.max_steps=1"]
+        run_sft(
+            make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", tmp_path / "r", sets),
+            console=quiet_console(),
+        )
+
+
+def test_an_unknown_best_metric_names_the_known_ones():
+    from align_cli.engine.best import BestMetricError, BestTracker
+    from align_cli.recipe import TrainingSection
+
+    tracker = BestTracker.from_training(TrainingSection(save_best=True, eval_every=1, best_metric="accuracy"))
+    assert tracker.metric == "eval/accuracy" and tracker.greater
+    with pytest.raises(BestMetricError, match="eval/loss"):
+        tracker.update(1, {"eval/loss": 1.0})
