@@ -153,7 +153,8 @@ def render_card(model_dir: Path, run_dir: Path, stage: str, summary: dict[str, A
     if base:
         header["base_model"] = base
     header["library_name"] = "peft" if adapter else "transformers"
-    header["tags"] = ["align", stage, *TRL_TAGS.get(stage, []), *(["lora"] if adapter else [])]
+    tags = ["align", stage, *TRL_TAGS.get(stage, []), *(["lora"] if adapter else [])]
+    header["tags"] = list(dict.fromkeys(tags))  # once each (sft's stage name is its TRL tag too)
     hub_sets = [f for f in files if hub_id(f)]
     if hub_sets:
         header["datasets"] = hub_sets
@@ -163,7 +164,7 @@ def render_card(model_dir: Path, run_dir: Path, stage: str, summary: dict[str, A
     role = "reward model (scalar head)" if scalar_head else "causal language model"
     metrics = "\n".join(f"| {k} | {v} |" for k, v in headline(summary)) or "| (none) | |"
     data = "\n".join(f"- `{f}`" for f in files) or "- (none recorded)"
-    command = f"align {stage} --recipe recipe.yaml"
+    command = f"align {stage} --recipe recipe.yaml --set output.dir=runs/{stage}-again"
     return (
         f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
         f"# {model_dir.name}: {stage} {kind}\n\n"
@@ -173,7 +174,8 @@ def render_card(model_dir: Path, run_dir: Path, stage: str, summary: dict[str, A
         f"## Data\n\n{data}\n\n"
         f"## Results\n\n| metric | value |\n|---|---|\n{metrics}\n\n"
         f"## How to load\n\n```python\n{_load_snippet(model_dir, adapter, scalar_head)}\n```\n\n"
-        f"## Reproduce\n\nSave the recipe below as `recipe.yaml` (it is the run's own `{saved}`), then:\n\n"
+        f"## Reproduce\n\nSave the recipe below as `recipe.yaml` (it is the run's own `{saved}`), then "
+        "train into a new folder:\n\n"
         f"```bash\n{command}\n```\n\n"
         f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"
     )

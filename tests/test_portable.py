@@ -184,7 +184,11 @@ def test_final_model_card(stopped_sft: dict, tiny_model: Path):
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "text-generation"
     assert {"align", "sft"} <= set(header["tags"])
     assert "base_model" not in header  # a local start model is no Hub id
-    assert str(tiny_model) in body and "alpaca.jsonl" in body and "align sft --recipe recipe.yaml" in body
+    assert (
+        str(tiny_model) in body
+        and "alpaca.jsonl" in body
+        and "align sft --recipe recipe.yaml --set output.dir=" in body
+    )
     assert "| best_step | 2 |" in body and "| early_stopped_at | 4 |" in body
     recipe = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert recipe["training"]["save_best"] is True and "ppo" not in recipe and "dpo" not in recipe
@@ -242,3 +246,13 @@ def test_an_unknown_best_metric_names_the_known_ones():
     assert tracker.metric == "eval/accuracy" and tracker.greater
     with pytest.raises(BestMetricError, match="eval/loss"):
         tracker.update(1, {"eval/loss": 1.0})
+
+
+def test_card_metadata_names_hub_models_and_follows_a_chain(tmp_path: Path):
+    from align_cli.model_card import base_model, hub_id
+
+    assert hub_id("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf" and hub_id("gpt2") == "gpt2"
+    assert hub_id("data/train.jsonl") is None and hub_id(str(tmp_path)) is None
+    # a previous stage's output (a local folder) passes on the Hub model it came from
+    (tmp_path / "README.md").write_text("---\nbase_model: Qwen/Qwen2.5-0.5B\n---\n# sft\n")
+    assert base_model(str(tmp_path)) == "Qwen/Qwen2.5-0.5B" and base_model("gpt2") == "gpt2"

@@ -100,7 +100,7 @@ class BestTracker:
         if not figures:
             return []
         rows: list[tuple[str, Any]] = [
-            (f"best {self.metric} (step)", f"{self.best:.4g} (step {self.best_step})")
+            (f"best {self.metric}", f"{self.best:.4g} (step {self.best_step})")
         ]
         if self.stopped_at is not None:
             rows.append(
