@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from align_cli.cli import app
 from align_cli.data.preference import fit_lengths
 from align_cli.data.tokenize import encode_segments, special_prefix
-from align_cli.errors import AlignError
 from align_cli.forward import summed_logps
 from align_cli.presets import init_model
 from align_cli.recipe import RecipeError
@@ -230,12 +229,11 @@ def test_best_settings_need_evaluations(tiny_model: Path, tmp_path: Path):
         make_recipe(
             "ppo", tiny_model, EXAMPLES / "prompts.jsonl", tmp_path, ["training.early_stopping_patience=2"]
         )
-    with pytest.raises(AlignError, match="no eval data"):
-        sets = ["training.save_best=true", "training.eval_every=1", "training.max_steps=1"]
-        run_sft(
-            make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", tmp_path / "r", sets),
-            console=quiet_console(),
-        )
+    # no eval data: refused with the recipe, before a run folder exists
+    sets = ["training.save_best=true", "training.eval_every=1", "training.max_steps=1"]
+    with pytest.raises(RecipeError, match="no eval data; set data.eval or data.eval_fraction"):
+        make_recipe("sft", tiny_model, EXAMPLES / "alpaca.jsonl", tmp_path / "r", sets)
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_unknown_best_metric_names_the_known_ones():
