@@ -254,3 +254,47 @@ def test_card_metadata_names_hub_models_and_follows_a_chain(tmp_path: Path):
     # a previous stage's output (a local folder) passes on the Hub model it came from
     (tmp_path / "README.md").write_text("---\nbase_model: Qwen/Qwen2.5-0.5B\n---\n# sft\n")
     assert base_model(str(tmp_path)) == "Qwen/Qwen2.5-0.5B" and base_model("gpt2") == "gpt2"
+
+
+def test_an_on_policy_checkpoint_loads_with_from_pretrained(tiny_model: Path, tmp_path: Path, monkeypatch):
+    from align_cli.recipe import load_recipe
+    from align_cli.stages.grpo import run_grpo
+
+    monkeypatch.setenv("ALIGN_RUNS_DIR", str(tmp_path / "runs"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"An even number, {i}:", "parity": "even"}) + "\n" for i in range(4))
+    )
+    parity = Path(__file__).resolve().parents[1] / "examples" / "verifiable" / "rewards.py"
+    overrides = {
+        "model.name_or_path": str(tiny_model),
+        "grpo.prompts": str(prompts),
+        "output.dir": str(tmp_path / "run"),
+    }
+    sets = [
+        f"grpo.reward_functions=[{parity}:right_parity]",
+        "grpo.prompts_per_iteration=2",
+        "grpo.num_generations=2",
+        "grpo.mini_batch_size=2",
+        "grpo.max_new_tokens=4",
+        "training.max_steps=2",
+        "training.save_every=1",
+    ]
+    run_grpo(load_recipe(None, overrides, sets, stage="grpo"), console=quiet_console())
+    checkpoint = tmp_path / "run" / "checkpoint-0000001"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert AutoTokenizer.from_pretrained(checkpoint)("x")["input_ids"][0] == model.config.bos_token_id
+    assert not _weights_equal(model, AutoModelForCausalLM.from_pretrained(tiny_model))  # it trained
+    header, _ = _card(tmp_path / "run" / "final")
+    assert {"align", "grpo"} <= set(header["tags"])
+
+
+def test_a_run_that_keeps_improving_is_not_stopped_early(tiny_model: Path, tmp_path: Path, monkeypatch):
+    # the final evaluation repeats the last step's: it must not count as an eval without improvement
+    monkeypatch.setenv("ALIGN_RUNS_DIR", str(tmp_path / "runs"))
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join((EXAMPLES / "alpaca.jsonl").read_text().splitlines(keepends=True)[:64]))
+    sets = ["data.eval_fraction=0.25", "training.max_steps=4", "training.micro_batch_size=8"]
+    sets += ["training.lr=3e-3", "training.eval_every=2", "training.early_stopping_patience=1"]
+    summary = run_sft(make_recipe("sft", tiny_model, data, tmp_path / "run", sets), console=quiet_console())
+    assert summary["steps"] == 4 and summary["best_step"] == 4 and "early_stopped_at" not in summary

@@ -99,9 +99,7 @@ class BestTracker:
         figures = self.summary()
         if not figures:
             return []
-        rows: list[tuple[str, Any]] = [
-            (f"best {self.metric}", f"{self.best:.4g} (step {self.best_step})")
-        ]
+        rows: list[tuple[str, Any]] = [(f"best {self.metric}", f"{self.best:.4g} (step {self.best_step})")]
         if self.stopped_at is not None:
             rows.append(
                 (

@@ -11,9 +11,11 @@ accelerate saved it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
 from torch import nn
 
 
@@ -34,3 +36,9 @@ def write_hf_layout(folder: Path, model: nn.Module, tokenizer: Any) -> bool:
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return True
+
+
+def checkpoint_files(accelerator: Accelerator, model: nn.Module, tokenizer: Any) -> Callable[[Path], bool]:
+    """``Run.hf_files`` for a run training the (prepared) ``model``: ``write_hf_layout`` of its unwrapped
+    self, at each checkpoint."""
+    return lambda folder: write_hf_layout(folder, accelerator.unwrap_model(model), tokenizer)

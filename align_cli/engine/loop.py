@@ -28,7 +28,7 @@ from align_cli.data.collate import plan_epoch, shard
 from align_cli.data.formats import DataError
 from align_cli.engine.best import BEST_DIR, BEST_RECORD, BestMetricError, BestTracker
 from align_cli.engine.faults import fault_point
-from align_cli.engine.hf_layout import write_hf_layout
+from align_cli.engine.hf_layout import checkpoint_files
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
 from align_cli.engine.signals import StopFlag, stop_requested
@@ -211,7 +211,7 @@ class Trainer:
             set_state=best.load_state,
         )
         model, optimizer, scheduler = run.prepare(spec.model, self.total_steps, t.micro_batch_size)
-        run.hf_files = lambda folder: write_hf_layout(folder, self.acc.unwrap_model(model), spec.tokenizer)
+        run.hf_files = checkpoint_files(self.acc, model, spec.tokenizer)
         step = run.restore(resume)
         model.train()
         window_tokens, window_start, total_tokens = 0, time.perf_counter(), 0
@@ -225,11 +225,17 @@ class Trainer:
                     run.log(row)
                 run.stop_here(at, pending_eval=not final)  # the final evaluation reruns on resume anyway
 
-        def after_eval(at: int, eval_row: dict[str, Any]) -> bool:
-            """Track the best eval (saving RUN/best/ when it improves); True: stop early."""
+        evaluated_at: list[int] = []  # the steps evaluated in this process's run
+
+        def after_eval(at: int, eval_row: dict[str, Any], final: bool = False) -> bool:
+            """Track the best eval (saving RUN/best/ when it improves); True: stop early. The final
+            evaluation of a step already evaluated is not counted twice, and never stops the run."""
+            if final and evaluated_at and evaluated_at[-1] == at:
+                return False
+            evaluated_at.append(at)
             if best.update(at, eval_row) and best.save_best:
                 self._save_best(model, at)
-            return best.should_stop(at)
+            return not final and best.should_stop(at)
 
         with run.running():
             if run.pending_eval:
@@ -297,8 +303,8 @@ class Trainer:
                     if step >= self.total_steps or stop_early:
                         break
             final_eval = evaluate_or_stop(step, final=True)
-            if final_eval and best.stopped_at is None:  # an early stop's last eval was this step's
-                after_eval(step, final_eval)
+            if final_eval:
+                after_eval(step, final_eval, final=True)
         if final_eval:
             run.log({"step": step, "final": True, **final_eval})
         if run.metrics:
