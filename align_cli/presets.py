@@ -116,8 +116,9 @@ def build_tokenizer(
 
     Any UTF-8 text round-trips (``decode(encode(s)) == s``) and there is no unknown token. Special tokens:
     ``<|pad|>`` (0), ``<|bos|>`` (1), ``<|eos|>`` (2) and the chat markers ``<|user|>``, ``<|assistant|>``,
-    ``<|system|>``, ``<|end|>`` (3-6), each a single id. Encoding never adds special tokens, whatever
-    ``add_special_tokens`` says: callers add BOS/EOS themselves. ``chat_template`` is ``CHAT_TEMPLATE``;
+    ``<|system|>``, ``<|end|>`` (3-6), each a single id. Like a Llama tokenizer, its own encoding puts BOS
+    first (``tokenizer(text)``; not with ``add_special_tokens=False``) and appends no EOS, so plain
+    transformers feeds a tiny model what align trained it on. ``chat_template`` is ``CHAT_TEMPLATE``;
     padding is on the right. ``len(tokenizer)`` may be below ``vocab_size`` on a small corpus.
     ``chat=False`` gives a base model's tokenizer: pad/BOS/EOS only, no chat markers, no chat template.
     """
@@ -131,7 +132,7 @@ def build_tokenizer(
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
         extra_special_tokens=list(specials[3:]),
-        add_bos_token=False,
+        add_bos_token=True,  # a post-processor "<|bos|> $A", as Llama's (tokenizer.json carries it)
         add_eos_token=False,
         model_max_length=model_max_length,
         padding_side="right",

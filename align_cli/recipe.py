@@ -430,6 +430,12 @@ def _check_values(r: Recipe) -> list[str]:
             "micro-batch; use at least 2"
         )
     errors += _backend_problems(r)
+    t = r.training
+    if (t.save_best or t.early_stopping_patience) and not (d.eval or d.eval_fraction):
+        which = "training.save_best" if t.save_best else "training.early_stopping_patience"
+        errors.append(
+            f"{which}: compares evaluations, and there is no eval data; set data.eval or data.eval_fraction"
+        )
     if stage and "data.eval" in stage.unread and isinstance(d.train, list):
         errors.append("data.train: a mixture of sources is for training data; prompts come from one source")
     return errors

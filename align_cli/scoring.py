@@ -19,7 +19,7 @@ from align_cli.data.preference import collate_responses, fit_lengths
 from align_cli.data.prompts import Prompt
 from align_cli.data.ranked import response_template
 from align_cli.data.templates import response_segments
-from align_cli.data.tokenize import encode_segments, segment_ids
+from align_cli.data.tokenize import encode_segments, segment_ids, special_prefix
 from align_cli.forward import reward_scores, to_device
 from align_cli.recipe import DataSection, RecipeError, load_recipe
 
@@ -71,7 +71,10 @@ def scored_row(
     prompt_ids = encode_segments([(prompt.text(template, tokenizer), False)], tokenizer)[0]
     segments = response_segments(response, response_template(prompt.prompt, template), tokenizer, finished)
     response_ids = [t for piece, _ in segments for t in segment_ids(piece, tokenizer)]
-    prompt_ids, (response_ids,), _ = fit_lengths(prompt_ids, [response_ids], max_length, max_prompt_length)
+    keep = len(special_prefix(tokenizer))
+    prompt_ids, (response_ids,), _ = fit_lengths(
+        prompt_ids, [response_ids], max_length, max_prompt_length, keep
+    )
     return {"prompt_ids": prompt_ids, "responses": [response_ids], "margin": None}
 
 

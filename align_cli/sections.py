@@ -200,6 +200,14 @@ class TrainingSection:
     report_to: str | list[str] = "none"
     run_name: str | None = None
     project: str = "align"
+    # the best model by an eval metric (HF Trainer's metric_for_best_model / greater_is_better): save_best
+    # keeps a copy in RUN/best/; early_stopping_patience N > 0 stops after N evals without improvement.
+    # best_metric: a logged eval metric (eval/loss, eval/accuracy, ...); greater_is_better null: lower is
+    # better for a loss, higher otherwise. Both need training.eval_every and eval data.
+    save_best: bool = False
+    best_metric: str = "eval/loss"
+    greater_is_better: bool | None = None
+    early_stopping_patience: int = number(">= 0", 0)
 
     def check(self) -> list[str]:
         from align_cli.recipe import range_problems
@@ -214,6 +222,9 @@ class TrainingSection:
             problems.append("training.report_to: none cannot be listed with a tracker")
         if len(self.adam_betas or []) != 2:
             problems.append(f"training.adam_betas: expected two numbers, got {self.adam_betas}")
+        if (self.save_best or self.early_stopping_patience) and not self.eval_every:
+            which = "training.save_best" if self.save_best else "training.early_stopping_patience"
+            problems.append(f"{which}: needs evaluations during the run; set training.eval_every")
         return problems
 
 

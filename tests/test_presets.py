@@ -74,7 +74,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     ],
 )
 def test_tokenizer_round_trips_any_text(tokenizer, text):
-    ids = tokenizer(text)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
 
 
@@ -84,14 +84,14 @@ def test_tokenizer_round_trips_random_unicode(tokenizer):
         text = "".join(
             chr(rng.choice([rng.randint(32, 0x2FF), rng.randint(0x4E00, 0x9FFF), 0x1F600])) for _ in range(20)
         )
-        assert tokenizer.decode(tokenizer.encode(text)) == text
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
 def test_special_tokens_are_single_ids(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert ids == list(range(len(SPECIAL_TOKENS)))
     for token, idx in zip(SPECIAL_TOKENS, ids, strict=True):
-        assert tokenizer.encode(token) == [idx]
+        assert tokenizer.encode(token, add_special_tokens=False) == [idx]
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {
         "<|bos|>",
@@ -104,11 +104,12 @@ def test_special_tokens_are_single_ids(tokenizer):
     assert len(tokenizer) == PRESETS["tiny"]["vocab_size"]
 
 
-def test_encode_adds_no_special_tokens(tokenizer):
+def test_encode_adds_bos_like_llama(tokenizer):
+    # like a Llama tokenizer: BOS first, no EOS; add_special_tokens=False gives the text alone
     text = "Name the color of the sky."
-    with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
-    assert with_special == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert not set(with_special) & set(tokenizer.all_special_ids)
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer(text, add_special_tokens=True)["input_ids"] == [tokenizer.bos_token_id, *plain]
+    assert not set(plain) & set(tokenizer.all_special_ids)
 
 
 def test_chat_template(tokenizer):
@@ -170,8 +171,8 @@ def test_init_model_loads_back_offline(tiny_dir):
     assert tok.model_max_length == PRESETS["tiny"]["max_position_embeddings"]
     assert tok.chat_template == presets.CHAT_TEMPLATE
     text = "Review of the movie Night Train:\nThe acting was wonderful 😀"
-    assert tok(text, add_special_tokens=True)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok(text)["input_ids"] == [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
 
     batch = tok(["What is 2 plus 3?", "hi"], padding=True, return_tensors="pt")
     assert batch["input_ids"][1, -1].item() == tok.pad_token_id  # right padding

@@ -370,13 +370,13 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_re
 ):
     real_save = run_module.save_checkpoint
 
-    def save_on_a_full_disk(accelerator, run_dir, step, state, keep_last):
+    def save_on_a_full_disk(accelerator, run_dir, step, state, keep_last, *rest):
         if step != 4:
-            return real_save(accelerator, run_dir, step, state, keep_last)
+            return real_save(accelerator, run_dir, step, state, keep_last, *rest)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # writes past 64 KB fail (EFBIG)
         try:
-            return real_save(accelerator, run_dir, step, state, keep_last)
+            return real_save(accelerator, run_dir, step, state, keep_last, *rest)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 

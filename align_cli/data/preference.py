@@ -18,7 +18,7 @@ from align_cli.data.collate import length_buckets
 from align_cli.data.formats import Record
 from align_cli.data.ranked import ranked_responses, response_template
 from align_cli.data.templates import continuation, render_prompt, response_segments
-from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids
+from align_cli.data.tokenize import IGNORE_INDEX, DataStats, encode_segments, segment_ids, special_prefix
 
 
 def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> list[int]:
@@ -30,16 +30,21 @@ def _response_ids(prompt: Any, response: Any, template: str, tokenizer: Any) -> 
 
 
 def fit_lengths(
-    prompt_ids: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int | None
+    prompt_ids: list[int],
+    responses: list[list[int]],
+    max_length: int,
+    max_prompt_length: int | None,
+    keep_first: int = 1,
 ) -> tuple[list[int], list[list[int]], bool]:
     """The one length rule of preference data and of every reward-model scorer (``scoring``): the prompt
-    keeps its end, cut to ``max_prompt_length`` (default ``max_length // 2``) with its first token (BOS)
-    kept; each response keeps its start, cut to the room the prompt leaves in ``max_length``.
-    Returns (prompt ids, response ids, whether anything was cut)."""
+    keeps its end, cut to ``max_prompt_length`` (default ``max_length // 2``) with its first
+    ``keep_first`` tokens (the tokenizer's special prefix, BOS) kept; each response keeps its start, cut
+    to the room the prompt leaves in ``max_length``. Returns (prompt ids, response ids, whether anything
+    was cut)."""
     cap = max_prompt_length or max_length // 2
     truncated = len(prompt_ids) > cap
     if truncated:  # keep the end of the prompt, next to the response
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - cap + 1 :]
+        prompt_ids = prompt_ids[:keep_first] + prompt_ids[len(prompt_ids) - cap + keep_first :]
     room = max_length - len(prompt_ids)
     truncated = truncated or any(len(ids) > room for ids in responses)
     return prompt_ids, [ids[:room] for ids in responses], truncated
@@ -53,7 +58,10 @@ def encode_preference(
     template = response_template(prompt, template)
     prompt_ids, _ = encode_segments([(render_prompt(prompt, template, tokenizer), False)], tokenizer)
     response_ids = [_response_ids(prompt, response, template, tokenizer) for response in responses]
-    prompt_ids, response_ids, truncated = fit_lengths(prompt_ids, response_ids, max_length, max_prompt_length)
+    keep = len(special_prefix(tokenizer))
+    prompt_ids, response_ids, truncated = fit_lengths(
+        prompt_ids, response_ids, max_length, max_prompt_length, keep
+    )
     if not all(response_ids):
         return None, "no_response_tokens_left", truncated
     if len({tuple(r) for r in response_ids}) < len(response_ids):

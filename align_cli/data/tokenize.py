@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,20 +49,49 @@ def segment_ids(piece: str | list[int], tokenizer: Any) -> list[int]:
     return piece if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
 
 
+# tokenizer -> the ids its own encoding puts before any text (probed once per tokenizer object)
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids ``tokenizer(text)`` puts before the text itself: ``[BOS]`` for Llama/Mistral-style
+    tokenizers, ``[]`` for GPT-2/Qwen-style ones. Probed by encoding one text with and without special
+    tokens, so align feeds a model what plain transformers (``tokenizer(text)``, pipelines) feeds it.
+
+    Only the prefix is followed: a suffix the tokenizer's encoding appends (EOS, on tokenizers built with
+    add_eos_token) is not, because the templates end a finished response with the end marker already and
+    a sample cut at max_new_tokens must not be scored as finished."""
+    try:
+        return list(_PREFIXES[tokenizer])
+    except (KeyError, TypeError):
+        pass
+    probe = "x"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    starts = [k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain]
+    prefix = full[: starts[0]] if starts else []
+    try:
+        _PREFIXES[tokenizer] = tuple(prefix)
+    except TypeError:  # not weak-referenceable: probe again next time
+        pass
+    return prefix
+
+
 def encode_segments(segments: list[Segment], tokenizer: Any) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where not trainable), segment by segment.
 
-    A BOS token is put first when the tokenizer has one and the template did not already."""
+    The tokenizer's own special prefix (``special_prefix``: BOS where its encoding adds one) is put first
+    unless the rendered text already starts with it (a chat template that writes BOS itself)."""
     ids: list[int] = []
     labels: list[int] = []
     for piece, trainable in segments:
         piece_ids = segment_ids(piece, tokenizer)
         ids.extend(piece_ids)
         labels.extend(piece_ids if trainable else [IGNORE_INDEX] * len(piece_ids))
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids.insert(0, bos)
-        labels.insert(0, IGNORE_INDEX)
+    prefix = special_prefix(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids[:0] = prefix
+        labels[:0] = [IGNORE_INDEX] * len(prefix)
     if labels:
         labels[0] = IGNORE_INDEX  # nothing predicts the first token
     return ids, labels

@@ -2,9 +2,10 @@
 
 A checkpoint is written to ``checkpoint-NNNNNNN.tmp`` and renamed once complete, so a run killed
 mid-save never leaves a directory that ``--resume`` would pick. accelerate saves the model
-(safetensors), optimizer, scheduler and RNG states of every process; ``trainer_state.json`` holds the
-step (which fixes the data position, the batch plan being a function of seed and epoch) and any
-stage state such as a KL controller. Saving a step again renames the old copy aside
+(safetensors), optimizer, scheduler and RNG states of every process, and the model's config and
+tokenizer beside them make the checkpoint load with ``from_pretrained`` too (``hf_layout``);
+``trainer_state.json`` holds the step (which fixes the data position, the batch plan being a function
+of seed and epoch) and any stage state such as a KL controller. Saving a step again renames the old copy aside
 (``checkpoint-NNNNNNN.replaced``, read while the new one is not in place) and deletes it only after
 the new one is renamed in, so a kill at any point leaves one complete checkpoint. ``manifest.json``
 holds the SHA-256 of every file, taken at save time; a load first checks it, so a flipped bit in the
@@ -27,6 +28,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,9 +115,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, step: int, state: dict[str, Any], keep_last: int
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    hf_files: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Save everything needed to resume at ``step``; prune to the newest ``keep_last``.
+    """Save everything needed to resume at ``step``; prune to the newest ``keep_last``. ``hf_files(folder)``
+    (main process) adds what ``from_pretrained`` needs (``hf_layout.write_hf_layout``).
 
     Any failure while writing (disk full, quota, I/O error: torch and safetensors report these as
     RuntimeError as well as OSError) removes the partial directory and raises CheckpointError; the
@@ -133,6 +141,8 @@ def save_checkpoint(
         fault_point("save", step)
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state | {"step": step}, indent=1))
+            if hf_files is not None:
+                hf_files(tmp)
             write_manifest(tmp)
             publish_dir(tmp, final)
     except Exception as exc:  # any write failure must leave the previous checkpoint usable

@@ -10,6 +10,7 @@ scheduling, evaluation, checkpoints, metrics and progress all live here, once.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from rich.console import Console
 
 from align_cli.data.collate import plan_epoch, shard
 from align_cli.data.formats import DataError
+from align_cli.engine.best import BEST_DIR, BEST_RECORD, BestMetricError, BestTracker
 from align_cli.engine.faults import fault_point
+from align_cli.engine.hf_layout import checkpoint_files
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
 from align_cli.engine.signals import StopFlag, stop_requested
@@ -50,6 +53,8 @@ class StageSpec:
     eval_examples: list[dict[str, Any]] = field(default_factory=list)
     # recipe settings of the loss (key -> value), named with training.lr and precision when it is NaN/inf
     loss_settings: dict[str, Any] = field(default_factory=dict)
+    # saved in every checkpoint with the model's config, so from_pretrained loads a checkpoint
+    tokenizer: Any = None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -81,6 +86,12 @@ class Trainer:
                 "the data line above for the reasons)"
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        self.best = BestTracker.from_training(t)
+        if self.best.active and not spec.eval_examples:
+            raise BestMetricError(
+                f"{spec.name}: training.save_best / early_stopping_patience compare evaluations, and there "
+                "is no eval data; set data.eval or data.eval_fraction"
+            )
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
         t = self.t
@@ -188,8 +199,19 @@ class Trainer:
         ``training.nan_policy: skip`` drops that update and counts it (engine/run.py: Run)."""
         t, spec = self.t, self.spec
         set_seed(t.seed)
-        run = Run(spec.name, t, self.run_dir, self.acc, self.console, self.total_steps)
+        best = self.best
+        run = Run(
+            spec.name,
+            t,
+            self.run_dir,
+            self.acc,
+            self.console,
+            self.total_steps,
+            get_state=best.state,  # the best so far and the patience count resume with the run
+            set_state=best.load_state,
+        )
         model, optimizer, scheduler = run.prepare(spec.model, self.total_steps, t.micro_batch_size)
+        run.hf_files = checkpoint_files(self.acc, model, spec.tokenizer)
         step = run.restore(resume)
         model.train()
         window_tokens, window_start, total_tokens = 0, time.perf_counter(), 0
@@ -205,12 +227,25 @@ class Trainer:
             run.say_eval(at, eval_row, final)
             return eval_row
 
+        evaluated_at: list[int] = []  # the steps evaluated in this process's run
+
+        def after_eval(at: int, eval_row: dict[str, Any], final: bool = False) -> bool:
+            """Track the best eval (saving RUN/best/ when it improves); True: stop early. The final
+            evaluation of a step already evaluated is not counted twice, and never stops the run."""
+            if final and evaluated_at and evaluated_at[-1] == at:
+                return False
+            evaluated_at.append(at)
+            if best.update(at, eval_row) and best.save_best:
+                self._save_best(model, at)
+            return not final and best.should_stop(at)
+
         with run.running():
             if run.pending_eval:
                 eval_row = evaluate_or_stop(step)
                 if eval_row:
                     run.log({"step": step, **eval_row})
-            while step < self.total_steps:
+                    after_eval(step, eval_row)
+            while step < self.total_steps and best.stopped_at is None:
                 epoch, index = divmod(step, self.steps_per_epoch)
                 for micro in self._plan(epoch)[index:]:
                     batches = self._micro_batches(micro, spec.train_examples)
@@ -230,6 +265,7 @@ class Trainer:
                     step += 1
                     run.step = step
                     eval_due = bool(t.eval_every) and step % t.eval_every == 0
+                    eval_row: dict[str, Any] = {}
                     if row is not None:
                         window_tokens += row["tokens"]
                         total_tokens += row["tokens"]
@@ -237,7 +273,8 @@ class Trainer:
                     if row is None:  # a skipped update: logged, so the metric table counts it
                         run.log({"step": step, "skipped": 1, "skipped_steps": run.skipped})
                         if eval_due:
-                            run.log({"step": step, **evaluate_or_stop(step)})
+                            eval_row = evaluate_or_stop(step)
+                            run.log({"step": step, **eval_row})
                     elif step % t.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
                         row |= {
@@ -252,20 +289,25 @@ class Trainer:
                         window_tokens, window_start = 0, now
                         run.say(step, {k: row[k] for k in ("loss", "lr")} | {"tok/s": row["tokens_per_s"]})
                         if eval_due:
-                            row |= evaluate_or_stop(step, row)
+                            eval_row = evaluate_or_stop(step, row)
+                            row |= eval_row
                         run.log({"step": row.pop("step"), **row})
                         run.show(
                             step, info=f"loss {row['loss']:.4f}", rate=f"{row['tokens_per_s']:.0f} tok/s"
                         )
                     elif eval_due:
-                        run.log({"step": step, **evaluate_or_stop(step)})
+                        eval_row = evaluate_or_stop(step)
+                        run.log({"step": step, **eval_row})
                     run.show(step)
+                    stop_early = bool(eval_row) and after_eval(step, eval_row)
                     run.save_if_due(step)
                     if run.stop_requested():
                         run.stop_here(step)
-                    if step >= self.total_steps:
+                    if step >= self.total_steps or stop_early:
                         break
             final_eval = evaluate_or_stop(step, final=True)
+            if final_eval:
+                after_eval(step, final_eval, final=True)
         if final_eval:
             run.log({"step": step, "final": True, **final_eval})
         if run.metrics:
@@ -282,4 +324,22 @@ class Trainer:
             "tokens_per_s": total_tokens / max(elapsed, 1e-9),
             "last_checkpoint_step": run.last_saved,
             "skipped_steps": run.skipped,
+            "best": best,
         }
+
+    def _save_best(self, model: torch.nn.Module, step: int) -> None:
+        """RUN/best/: the model of ``step`` as ``from_pretrained`` loads it, and best.json saying which step
+        (written aside and renamed in, like final/; every process joins the weight gather)."""
+        from align_cli.engine.session import save_final
+        from align_cli.models import save_model
+
+        state_dict = self.acc.get_state_dict(model)
+        if self.acc.is_main_process:
+            unwrapped, record = self.acc.unwrap_model(model), self.best.summary()
+
+            def write(folder: Path) -> None:
+                save_model(unwrapped, self.spec.tokenizer, folder, state_dict=state_dict)
+                (folder / BEST_RECORD).write_text(json.dumps(record, indent=1))
+
+            save_final(self.run_dir / BEST_DIR, write)
+        self.acc.wait_for_everyone()

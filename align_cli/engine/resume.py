@@ -46,6 +46,8 @@ FREE = {
     "training.save_every_minutes",
     "training.keep_last",
     "training.nan_policy",
+    "training.save_best",
+    "training.early_stopping_patience",
     "model.gradient_checkpointing",
     "ppo.log_samples",
     "grpo.iterations",

@@ -15,6 +15,7 @@ import datetime
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,6 +38,7 @@ from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
 from align_cli.engine.nonfinite import NonFiniteError, last_good_checkpoint, nan_context
 from align_cli.engine.optim import apply_training_settings, build_optimizer, build_scheduler
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
+from align_cli.model_card import write_model_card
 from align_cli.models import count_parameters
 from align_cli.recipe import TrainingSection
 from align_cli.runs import FINAL, after_final, peak_memory_mb, record_output, runs_root, write_summary
@@ -71,6 +73,8 @@ class Run:
         self.trackers: list[str] = []  # experiment trackers started (training.report_to)
         self.plain = not console.is_terminal  # SLURM, `> train.log`: lines instead of a progress bar
         self.schedule = SaveSchedule.for_run(t.save_every, t.save_every_minutes, total, time.monotonic())
+        # adds config and tokenizer to each checkpoint so from_pretrained loads it (set by the stage)
+        self.hf_files: Callable[[Path], Any] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -177,7 +181,7 @@ class Run:
 
     def save(self, at: int, pending_eval: bool = False) -> Path:
         state = {"stage": self.get_state(), "skipped_steps": self.skipped, "pending_eval": pending_eval}
-        path = save_checkpoint(self.acc, self.run_dir, at, state, self.t.keep_last)
+        path = save_checkpoint(self.acc, self.run_dir, at, state, self.t.keep_last, self.hf_files)
         self.last_saved = at
         self.schedule.saved(time.monotonic())
         if self.metrics:
@@ -295,6 +299,9 @@ class Run:
                 after_final(
                     runs_root() / "latest.json", final_dir, lambda: record_output(self.name, final_dir)
                 )
+                for folder in (final_dir, self.run_dir / "final-value", self.run_dir / "best"):  # Hub cards
+                    card = partial(write_model_card, folder, self.run_dir, self.name, summary)
+                    after_final(folder / "README.md", final_dir, card)
                 print_table(f"align {self.name}: summary", rows, self.console)
             self.acc.end_training()
             stopped = stop_requested(stop, self.acc)

@@ -159,6 +159,7 @@ def _summary(
     metrics: MetricsLog | None = result["metrics"]
     last = next((r for r in reversed(metrics.rows) if "loss" in r), {}) if metrics else {}
     trainable, total = count_parameters(accelerator.unwrap_model(result["model"]))
+    best = result.get("best")  # engine/best.py: training.save_best / early_stopping_patience
     for name, stats in data_stats.items():  # every record read is either trained on or counted as dropped
         if stats.read != stats.kept + sum(stats.dropped.values()):
             logging.getLogger("align").warning(
@@ -172,6 +173,7 @@ def _summary(
         "first_loss": result["first_loss"],
         "last_loss": last.get("loss"),
         **{k: v for k, v in result["final_eval"].items()},
+        **(best.summary() if best else {}),
         "elapsed_s": result["elapsed_s"],
         "tokens_per_s": result["tokens_per_s"],
         "peak_memory_mb": peak_memory_mb(),
@@ -185,6 +187,7 @@ def _summary(
         ("first loss", summary["first_loss"]),
         ("last loss", summary["last_loss"]),
         *[(k, v) for k, v in result["final_eval"].items()],
+        *(best.rows() if best else []),
         ("tokens/s (train)", summary["tokens_per_s"]),
         ("peak memory (MB)", summary["peak_memory_mb"]),
         ("trainable / total params", f"{trainable:,} / {total:,}"),

@@ -61,6 +61,13 @@ _REWARD_SOURCES = (
 _REWARD_MODEL_HELP = "Reward model (default: the last `align reward` output)."
 
 
+def _no_eval(name: str) -> dict[str, str]:
+    """The keys that compare evaluations: an on-policy stage has no eval set."""
+    why = f"{name} has no eval set to pick a best model or stop early by"
+    keys = ("save_best", "best_metric", "greater_is_better", "early_stopping_patience")
+    return {f"training.{key}": why for key in keys}
+
+
 def _group_unread(name: str) -> dict[str, str]:
     """The common keys GRPO and RLOO do not read (as PPO: prompts in, on-policy batches)."""
     batch = f"on-policy batches are set by {name}.prompts_per_iteration and {name}.mini_batch_size"
@@ -70,6 +77,7 @@ def _group_unread(name: str) -> dict[str, str]:
         "training.grad_accum": batch,
         "training.eval_every": f"{name} has no eval set; it logs every iteration",
         "training.log_every": f"{name} logs every iteration",
+        **_no_eval(name),
         "data.eval": _PROMPTS,
         "data.eval_fraction": _PROMPTS,
         "data.format": _PROMPTS,
@@ -221,6 +229,7 @@ STAGES: dict[str, Stage] = {
                 "training.grad_accum": _BATCH,
                 "training.eval_every": "PPO has no eval set; it logs every iteration",
                 "training.log_every": "PPO logs every iteration",
+                **_no_eval("PPO"),
                 "data.eval": _PROMPTS,
                 "data.eval_fraction": _PROMPTS,
                 "data.format": _PROMPTS,

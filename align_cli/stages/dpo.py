@@ -254,6 +254,7 @@ def run_dpo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
         train_examples=train_all,
         eval_examples=held,
         collate=make_collate(tokenizer.pad_token_id),
+        tokenizer=tokenizer,
         compute_loss=make_compute_loss(cfg, reference),
         loss_settings={
             "dpo.beta": preference_beta(cfg.loss_type, cfg.beta),

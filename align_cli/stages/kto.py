@@ -193,6 +193,7 @@ def run_kto(recipe: Recipe, resume: bool | Resume = False, console: Console | No
         train_examples=train,
         eval_examples=held,
         collate=make_collate(tokenizer.pad_token_id, recipe.data.max_length),
+        tokenizer=tokenizer,
         compute_loss=make_compute_loss(cfg, reference),
         loss_settings={
             "kto.beta": cfg.beta,

@@ -29,6 +29,7 @@ from align_cli.data.prompts import fit_prompts, load_prompts, prompt_room
 from align_cli.data.readers import read_options
 from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.data.tokenize import DataStats
+from align_cli.engine.hf_layout import checkpoint_files
 from align_cli.engine.metrics import keep_samples_until
 from align_cli.engine.resume import Resume
 from align_cli.engine.run import Run
@@ -89,6 +90,7 @@ def run_online_dpo(
     iterations = t.max_steps or section.iterations
     run = Run("online-dpo", t, run_dir, acc, console, iterations, unit="iteration")
     core = OnlineDPO(s, policy, reference, tokenizer, source, run)
+    run.hf_files = checkpoint_files(acc, core.model, tokenizer)  # checkpoints load with from_pretrained
     frozen = {"reference": reference, "reward model": source.reward_model}
     print_estimate(recipe, core.model, acc, console, frozen, policy.config)
     start = run.restore(bool(resume))

@@ -213,6 +213,7 @@ def run_reward(
         train_examples=train,
         eval_examples=held,
         collate=lambda examples: collate_pairs(examples, pad),
+        tokenizer=tokenizer,
         compute_loss=make_compute_loss(recipe.reward.center_coef),
         # margins: the records' own, else reward.margins by rating
         loss_settings={

@@ -85,6 +85,7 @@ def run_sft(recipe: Recipe, resume: bool | Resume = False, console: Console | No
         train_examples=train,
         eval_examples=held,
         collate=make_collate(tokenizer.pad_token_id, recipe.data.packing),
+        tokenizer=tokenizer,
         compute_loss=sft_loss,
     )
     trainer = Trainer(spec, recipe.training, run_dir, accelerator, recipe.data.group_by_length, console)
