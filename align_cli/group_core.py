@@ -141,17 +141,17 @@ class GroupPolicyGradient:
         device = batch["input_ids"].device
         lengths = torch.tensor([len(x.response_ids) for x in samples], device=device)
         mask = to_padded(torch.ones(int(lengths.sum()), device=device), lengths)
+        # the group's samples share their prompt: it runs once in these inference passes
+        scored = {**batch, "buckets": collated["buckets"], "prefix_groups": prefix_groups(samples)}
         with timer("old_policy"):
             self.model.eval()  # the distribution that sampled: same temperature, no dropout
-            old = response_logprobs(self.model, {**batch, "buckets": collated["buckets"]}, s.temperature)[0]
+            old = response_logprobs(self.model, scored, s.temperature)[0]
             self.model.train()
         ref = None
         if s.beta > 0:
             with timer("reference"):
                 live = LiveReference(acc, self.reference, s.temperature)
-                ref = to_padded(
-                    live.token_logprobs(self.model, {**batch, "buckets": collated["buckets"]}), lengths
-                )
+                ref = to_padded(live.token_logprobs(self.model, scored), lengths)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_prompts = [prompts[x.prompt_index] for x in samples]
@@ -263,6 +263,17 @@ class GroupPolicyGradient:
             var, total = stats.pop("reward/sq_mean") - stats["reward/mean"] ** 2, n * self.acc.num_processes
             stats["reward/std"] = math.sqrt(max(var, 0.0) * total / (total - 1))
         return ro, stats | source_means(self.acc, ro["rewards"]) | timer.row()
+
+
+def prefix_groups(samples: list[Any]) -> list[tuple[list[int], int]] | None:
+    """(rows, prompt length) of each prompt's samples (``forward.prefix_logprobs``); None when no prompt
+    has two samples (nothing to share)."""
+    rows: dict[int, list[int]] = {}
+    for row, x in enumerate(samples):
+        rows.setdefault(x.prompt_index, []).append(row)
+    if all(len(r) < 2 for r in rows.values()):
+        return None
+    return [(r, len(samples[r[0]].prompt_ids)) for r in rows.values()]
 
 
 def rollout_metrics(ro: dict[str, Any], group_size: int) -> dict[str, float]:
