@@ -137,8 +137,11 @@ class OnlineDPO:
         ]
         for start in range(0, len(examples), s.mini_batch_size):  # pi_ref does not change: once
             chunk = examples[start : start + s.mini_batch_size]
+            # a pair's two rows share their prompt: it runs once (forward.prefix_logprobs)
+            shared = [([2 * k, 2 * k + 1], len(e["prompt_ids"])) for k, e in enumerate(chunk)]
             with timer("reference"):
-                ref = self.reference(self.model, self._on_device(chunk)).float().tolist()
+                ref = self.reference(self.model, self._on_device(chunk) | {"prefix_groups": shared})
+            ref = ref.float().tolist()
             for k, example in enumerate(chunk):
                 example["ref_logps"] = ref[2 * k : 2 * k + 2]
         return {
