@@ -320,7 +320,7 @@ class IterationTimes:
 
     def __init__(self, core) -> None:
         self.seconds: dict[str, float] = {}
-        self.update_s = 0.0
+        self.update_s = self.last_update_s = 0.0
         update = core.update
 
         def timed_update(*args, **kwargs):
@@ -338,15 +338,45 @@ class IterationTimes:
             if key.startswith("time/") and key != "time/iteration_s":
                 self.seconds[key[5:-2]] = self.seconds.get(key[5:-2], 0.0) + value
 
-    def result(self, update_flops: float) -> dict:
+    def result(self, update_flops: float, sft_same_rows_s: float) -> dict:
+        """``update_vs_sft``: the last iteration's update speed over SFT steps' on its rows (1 = as fast)."""
         total = sum(self.seconds.values()) or 1.0
         split = {f"split/{k}": v / total for k, v in self.seconds.items()}
-        return split | {"update_s": self.update_s, "update_flops_per_s": update_flops / self.update_s}
+        speeds = {"update_flops_per_s": update_flops / self.update_s}
+        return (
+            split
+            | speeds
+            | {"update_s": self.update_s, "update_vs_sft": sft_same_rows_s / self.last_update_s}
+        )
+
+
+def sft_steps_on(model, ro: dict, mini: int) -> float:
+    """Seconds of SFT-style steps (log-likelihood of the responses, forward + backward + AdamW, length
+    buckets) over a rollout's own rows in mini-batches of ``mini``: what the update passes over the same
+    rows would take at supervised speed, in the same process (so a drifting machine load cancels)."""
+    import torch
+
+    from align_cli.data.collate import length_buckets
+    from align_cli.forward import per_token_by_bucket, token_logprobs
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    start = time.perf_counter()
+    for first in range(0, len(ro["row_lengths"]), mini):
+        rows = list(range(first, min(first + mini, len(ro["row_lengths"]))))
+        lengths = [ro["row_lengths"][r] for r in rows]
+        batch = {k: v[rows][:, : max(lengths)] for k, v in ro["batch"].items()}
+        (logps,) = per_token_by_bucket(
+            lambda sub: (token_logprobs(model, sub)[0],), batch, length_buckets(lengths)
+        )
+        (-logps.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def count_padding(models) -> dict:
     """Real and computed tokens of the scoring and training passes (use_cache=False; generation's
-    KV-cached steps excluded)."""
+    KV-cached steps and the shared-prompt scoring passes, which run on a KV cache, excluded)."""
     passes = {"real": 0, "computed": 0}
 
     def count(module, args, kwargs):
@@ -419,7 +449,8 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         flops += 2 * body * n_tok + 2 * head * n_resp
         flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
         update_flops += p.ppo_epochs * (6 * body * n_tok + 6 * head * n_resp)  # as sft counts a step
-    return times.result(update_flops) | {
+    sft_s = sft_steps_on(policy, ro, p.mini_batch_size)
+    return times.result(update_flops, sft_s) | {
         "tokens_per_s": tokens / elapsed,
         "steps_per_s": a.ppo_iterations / elapsed,
         "flops_per_s": (flops + update_flops) / elapsed,
@@ -485,7 +516,8 @@ def bench_grpo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         flops += 2 * body * n_tok + 2 * head * n_resp
         flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
         update_flops += g.num_iterations * (6 * body * n_tok + 6 * head * n_resp)
-    return times.result(update_flops) | {
+    sft_s = sft_steps_on(policy, ro, g.mini_batch_size)
+    return times.result(update_flops, sft_s) | {
         "tokens_per_s": tokens / elapsed,
         "steps_per_s": a.ppo_iterations / elapsed,
         "flops_per_s": (flops + update_flops) / elapsed,
@@ -708,16 +740,21 @@ def split_table(results: dict) -> list[str]:
 
     seen = {k[6:] for s in stages.values() for k in s if k.startswith("split/")}
     sections = [k for k in ORDER if k in seen] + sorted(seen - set(ORDER))
-    sft = results["stages"].get("sft", {}).get("mfu", {}).get("median")
     lines = [
         "",
-        f"| on-policy stage | {' | '.join(sections)} | update FLOP/s vs matmul | sft's |",
-        "|---|" + "---|" * (len(sections) + 2),
+        f"| on-policy stage | {' | '.join(sections)} | update FLOP/s vs matmul | sft's | update vs sft steps "
+        "on its rows |",
+        "|---|" + "---|" * (len(sections) + 3),
     ]
     for name, s in stages.items():
         shares = [f"{s[f'split/{k}']['median']:.0%}" if f"split/{k}" in s else "-" for k in sections]
+        variant = name[name.index(" ") :] if " " in name else ""  # "(before)": that checkout's sft
+        sft = results["stages"].get(f"sft{variant}", {}).get("mfu", {}).get("median")
         sft_text = f"{sft:.1%}" if sft is not None else "-"
-        lines.append(f"| {name} | {' | '.join(shares)} | {s['update_mfu']['median']:.1%} | {sft_text} |")
+        same = f"{s['update_vs_sft']['median']:.2f}x" if "update_vs_sft" in s else "-"
+        lines.append(
+            f"| {name} | {' | '.join(shares)} | {s['update_mfu']['median']:.1%} | {sft_text} | {same} |"
+        )
     return lines
 
 
