@@ -11,7 +11,8 @@ Only positions whose next token is supervised reach the LM head (transformers' b
 ``logits_to_keep``), and those go through it in chunks fused with the log-softmax and the gather
 (``align_cli.logprobs``, the kernel), so no vocabulary-sized tensor for the whole batch ever exists.
 A batch with length buckets (``batch["buckets"]``, from ``length_buckets``) runs one forward pass per
-bucket, with the same result as one padded pass.
+bucket, with the same result as one padded pass. A batch whose rows share prompts (GRPO/RLOO groups,
+``batch["prefix_groups"]``) runs each prompt once and only the responses per row (``prefix_logprobs``).
 """
 
 from __future__ import annotations
@@ -58,13 +59,15 @@ def token_logprobs(
     row-major order, in one forward pass (no buckets)."""
     labels = batch["labels"]
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    cache = batch.get("cache")  # a shared prompt's KV cache (prefix_logprobs)
     with head_logprobs(model, targets, with_entropy, temperature) as result:
         model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             logits_to_keep=_predicts_response(labels),
-            use_cache=False,
+            use_cache=cache is not None,
+            **({"cache": cache} if cache is not None else {}),
         )
     return result[-1]
 
@@ -100,14 +103,57 @@ def per_token_by_bucket(
     return tuple(outputs)
 
 
+def prefix_logprobs(
+    model: nn.Module, batch: Batch, groups: list[tuple[list[int], int]], temperature: float = 1.0
+) -> torch.Tensor | None:
+    """log pi_T of every supervised token [N] (row-major, as ``response_logprobs``) of a right-padded
+    prompt + response batch whose rows come in ``groups``: (rows, prompt length), the rows of a group
+    sharing the same prompt. Each prompt but its last token runs once, its KV cache is repeated for the
+    group's rows, and only the last prompt token (it predicts the first response token) and the
+    responses run per row: n samples of a prompt cost one prompt, not n. None when the model returns no
+    cache (e.g. gradient checkpointing in train mode): the caller takes the plain path."""
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    numbering = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+    numbering[keep] = torch.arange(int(keep.sum()), device=keep.device)
+    row_lengths = batch["attention_mask"].sum(-1).tolist()
+    parts, where = [], []
+    for rows, prompt_length in groups:
+        start = prompt_length - 1  # the prefix, run once; the rows' own part starts at its last token
+        width = max(row_lengths[r] for r in rows) - start
+        index = torch.tensor(rows, device=labels.device)
+        sub = {k: batch[k][index, start : start + width] for k in ("input_ids", "labels", "attention_mask")}
+        if start > 0:
+            prefix = batch["input_ids"][index[:1], :start]
+            out = model(
+                input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, logits_to_keep=1
+            )
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                return None
+            cache.batch_repeat_interleave(len(rows))
+            sub["cache"] = cache
+            seen = sub["attention_mask"].new_ones(len(rows), start)  # the rows attend to the whole prefix
+            sub["attention_mask"] = torch.cat([seen, sub["attention_mask"]], 1)
+        parts.append(token_logprobs(model, sub, temperature)[0])
+        where.append(numbering[index, start : start + width - 1][keep[index, start : start + width - 1]])
+    values = torch.cat(parts)
+    return values.new_empty(values.shape).scatter(0, torch.cat(where), values)
+
+
 def response_logprobs(
     model: nn.Module, batch: Batch, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_T(token) [N], sequence index [N]) for every supervised token of the batch, N in row-major
-    order; one forward pass per length bucket when the batch has ``buckets``."""
-    (logps,) = per_token_by_bucket(
-        lambda sub: (token_logprobs(model, sub, temperature)[0],), batch, batch.get("buckets")
-    )
+    order; one forward pass per length bucket when the batch has ``buckets``, or per shared prompt when
+    it has ``prefix_groups`` (``prefix_logprobs``; inference only: no cache is kept for a backward)."""
+    logps = None
+    if batch.get("prefix_groups") and not torch.is_grad_enabled():
+        logps = prefix_logprobs(model, batch, batch["prefix_groups"], temperature)
+    if logps is None:
+        (logps,) = per_token_by_bucket(
+            lambda sub: (token_logprobs(model, sub, temperature)[0],), batch, batch.get("buckets")
+        )
     return logps, sequence_index(batch)[:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
 
 

@@ -130,7 +130,8 @@ class GroupPolicyGradient:
         prompt_ids = [x.ids(s.template, tok) for x in prompts]
         # batches seeded by their global index: this process's prompts follow those of the processes before
         first = acc.process_index * -(-len(prompts) // per_batch)
-        with for_generation(acc, self.model) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
+        timer = self.run.timer
+        with timer("generation"), for_generation(acc, self.model) as (unwrapped, synced):  # ZeRO-3 / FSDP
             samples = sample(unwrapped, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
         examples = [
             {"prompt_ids": x.prompt_ids, "responses": [x.response_ids], "margin": None} for x in samples
@@ -140,19 +141,22 @@ class GroupPolicyGradient:
         device = batch["input_ids"].device
         lengths = torch.tensor([len(x.response_ids) for x in samples], device=device)
         mask = to_padded(torch.ones(int(lengths.sum()), device=device), lengths)
-        self.model.eval()  # the distribution that sampled: same temperature, no dropout
-        old = response_logprobs(self.model, {**batch, "buckets": collated["buckets"]}, s.temperature)[0]
-        self.model.train()
+        # the group's samples share their prompt: it runs once in these inference passes
+        scored = {**batch, "buckets": collated["buckets"], "prefix_groups": prefix_groups(samples)}
+        with timer("old_policy"):
+            self.model.eval()  # the distribution that sampled: same temperature, no dropout
+            old = response_logprobs(self.model, scored, s.temperature)[0]
+            self.model.train()
         ref = None
         if s.beta > 0:
-            live = LiveReference(acc, self.reference, s.temperature)
-            ref = to_padded(
-                live.token_logprobs(self.model, {**batch, "buckets": collated["buckets"]}), lengths
-            )
+            with timer("reference"):
+                live = LiveReference(acc, self.reference, s.temperature)
+                ref = to_padded(live.token_logprobs(self.model, scored), lengths)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_prompts = [prompts[x.prompt_index] for x in samples]
-        rewards = self.score_samples(group_prompts, texts, finished)
+        with timer("reward"):
+            rewards = self.score_samples(group_prompts, texts, finished)
         scores = torch.tensor(rewards.total, device=device, dtype=torch.float)
         ro = {
             "batch": batch,
@@ -243,18 +247,33 @@ class GroupPolicyGradient:
 
     def iteration(self, prompts: list[Prompt], iteration: int) -> tuple[dict[str, Any], dict[str, float]]:
         """One rollout and its updates (a requested stop is answered between the two); the statistics are
-        means over every process's samples."""
+        means over every process's samples (``time/<section>_s``: this process's own)."""
+        timer = self.run.timer
+        timer.begin()
         ro = self.rollout(prompts, iteration)
         if self.run.stop_requested():  # nothing applied yet: the checkpoint is the previous iteration's
             self.run.stop_here(iteration)
-        stats = {**rollout_metrics(ro, self.s.group_size), **ro["metrics"], **self.update(ro, iteration)}
+        with timer("update"):
+            updated = self.update(ro, iteration)
+        stats = {**rollout_metrics(ro, self.s.group_size), **ro["metrics"], **updated}
         if self.acc.num_processes > 1:
             n = len(ro["texts"])
             stats["reward/sq_mean"] = (ro["scores"] ** 2).mean().item()
             stats = mean_across(self.acc, stats, n)
             var, total = stats.pop("reward/sq_mean") - stats["reward/mean"] ** 2, n * self.acc.num_processes
             stats["reward/std"] = math.sqrt(max(var, 0.0) * total / (total - 1))
-        return ro, stats | source_means(self.acc, ro["rewards"])
+        return ro, stats | source_means(self.acc, ro["rewards"]) | timer.row()
+
+
+def prefix_groups(samples: list[Any]) -> list[tuple[list[int], int]] | None:
+    """(rows, prompt length) of each prompt's samples (``forward.prefix_logprobs``); None when no prompt
+    has two samples (nothing to share)."""
+    rows: dict[int, list[int]] = {}
+    for row, x in enumerate(samples):
+        rows.setdefault(x.prompt_index, []).append(row)
+    if all(len(r) < 2 for r in rows.values()):
+        return None
+    return [(r, len(samples[r[0]].prompt_ids)) for r in rows.values()]
 
 
 def rollout_metrics(ro: dict[str, Any], group_size: int) -> dict[str, float]:

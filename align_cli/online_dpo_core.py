@@ -118,11 +118,14 @@ class OnlineDPO:
             prompts_per_batch=min(s.prompts_per_batch, len(prompts)),
         )
         prompt_ids = [x.ids(s.template, tok) for x in prompts]
-        samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
+        timer = self.run.timer
+        with timer("generation"):
+            samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_of = [x.prompt_index for x in samples]
-        scores = self.score_samples([prompts[p] for p in group_of], texts, finished).total
+        with timer("reward"):
+            scores = self.score_samples([prompts[p] for p in group_of], texts, finished).total
         pairs, ties = make_pairs(group_of, scores, texts, len(prompts))
         examples = [
             {
@@ -134,7 +137,11 @@ class OnlineDPO:
         ]
         for start in range(0, len(examples), s.mini_batch_size):  # pi_ref does not change: once
             chunk = examples[start : start + s.mini_batch_size]
-            ref = self.reference(self.model, self._on_device(chunk)).float().tolist()
+            # a pair's two rows share their prompt: it runs once (forward.prefix_logprobs)
+            shared = [([2 * k, 2 * k + 1], len(e["prompt_ids"])) for k, e in enumerate(chunk)]
+            with timer("reference"):
+                ref = self.reference(self.model, self._on_device(chunk) | {"prefix_groups": shared})
+            ref = ref.float().tolist()
             for k, example in enumerate(chunk):
                 example["ref_logps"] = ref[2 * k : 2 * k + 2]
         return {
@@ -197,11 +204,16 @@ class OnlineDPO:
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self, prompts: list[Prompt], iteration: int) -> tuple[dict[str, Any], dict[str, float]]:
-        """One rollout and its updates (a requested stop is answered between the two)."""
+        """One rollout and its updates (a requested stop is answered between the two), with the
+        iteration's ``time/<section>_s``."""
+        timer = self.run.timer
+        timer.begin()
         ro = self.rollout(prompts, iteration)
         if self.run.stop_requested():  # nothing applied yet: the checkpoint is the previous iteration's
             self.run.stop_here(iteration)
-        return ro, {**rollout_metrics(ro), **self.update(ro, iteration)}
+        with timer("update"):
+            updated = self.update(ro, iteration)
+        return ro, {**rollout_metrics(ro), **updated} | timer.row()
 
 
 def rollout_metrics(ro: dict[str, Any]) -> dict[str, float]:

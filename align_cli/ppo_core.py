@@ -130,7 +130,8 @@ class PPO:
             prompts_per_batch=len(prompts),
         )
         prompt_ids = [x.ids(self.recipe.data.template, tok) for x in prompts]
-        with for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
+        timer = self.run.timer
+        with timer("generation"), for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP
             samples = sample(
                 unwrapped.policy, tok, prompt_ids, params, first_batch=acc.process_index, synced_gpus=synced
             )
@@ -142,17 +143,20 @@ class PPO:
         row_lengths = (collated["last_index"] + 1).tolist()  # prompt + response, on the host: no sync
         lengths = torch.tensor([len(s.response_ids) for s in samples], device=batch["input_ids"].device)
         mask = to_padded(torch.ones(int(lengths.sum()), device=lengths.device), lengths)
-        actor.eval()
-        logps, values, _ = actor(**batch, buckets=collated["buckets"], temperature=p.temperature)
-        actor.train()
-        ref_logps = self.reference_logprobs(batch, collated["buckets"])
+        with timer("old_policy"):
+            actor.eval()
+            logps, values, _ = actor(**batch, buckets=collated["buckets"], temperature=p.temperature)
+            actor.train()
+        with timer("reference"):
+            ref_logps = self.reference_logprobs(batch, collated["buckets"])
         texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         ended = [s.finished for s in samples]
         finished = torch.tensor(ended, device=mask.device)
         m, template = self.models, self.recipe.data.template
-        raw = torch.tensor(
-            score(m.scorer, m.scorer_tokenizer, prompts, texts, template, ended), device=mask.device
-        )
+        with timer("reward"):
+            raw = torch.tensor(
+                score(m.scorer, m.scorer_tokenizer, prompts, texts, template, ended), device=mask.device
+            )
         scores = L.shape_scores(raw, finished, p.missing_eos_penalty, p.score_clip, p.score_norm)
         old_logps, ref_logps, old_values = (to_padded(x, lengths) for x in (logps, ref_logps, values))
         rewards, kl = L.per_token_rewards(
@@ -261,18 +265,23 @@ class PPO:
 
     def iteration(self, prompts: list[Prompt], iteration: int) -> tuple[dict[str, Any], dict[str, float]]:
         """One rollout and its updates (a requested stop is answered between the two); the statistics
-        are means over every process's rollouts, as the KL controller must see them."""
+        are means over every process's rollouts, as the KL controller must see them; ``time/<section>_s``
+        are this process's own."""
+        timer = self.run.timer
+        timer.begin()
         ro = self.rollout(prompts, iteration)
         if self.run.stop_requested():  # nothing applied yet: the checkpoint is the previous iteration's
             self.run.stop_here(iteration)
-        stats = {**rollout_metrics(ro, self.kl_ctl.value), **self.update(ro, iteration)}
+        with timer("update"):
+            updated = self.update(ro, iteration)
+        stats = {**rollout_metrics(ro, self.kl_ctl.value), **updated}
         if self.acc.num_processes > 1:
             stats["score/sq_mean"] = (ro["scores"] ** 2).mean().item()
             stats = mean_across(self.acc, stats, len(prompts))
             var, n = stats.pop("score/sq_mean") - stats["score/mean"] ** 2, self.p.rollout_batch_size
             stats["score/std"] = math.sqrt(max(var, 0.0) * n / (n - 1))
         self.kl_ctl.update(stats["objective/kl"], self.p.rollout_batch_size)
-        return ro, stats
+        return ro, stats | timer.row()
 
 
 def rollout_metrics(ro: dict[str, Any], kl_coef: float) -> dict[str, float]:

@@ -13,7 +13,10 @@ peak memory is the stage's own:
 - rs_generation: N = 16 samples of each prompt generated together (one ``generate`` call) and one
   at a time (16 calls), timed in the same process; the ratio is reported;
 - ppo_iteration: one PPO iteration (rollout: sampling, policy/reference/value log-probs, reward
-  scores, GAE; then one epoch of mini-batch updates), value head on the policy.
+  scores, GAE; then one epoch of mini-batch updates), value head on the policy;
+- grpo_iteration: one GRPO iteration (``--grpo-prompts`` prompts x 4 samples, reward model, reference
+  at beta 0.04, two mini-batches of updates). For both, a second table gives the iteration's time split
+  (``time/<section>_s`` of its metrics row) and the update passes' own FLOP/s fraction, counted as sft's.
 
 Reported: tokens/s of non-pad tokens, steps/s, peak memory (peak RSS of the process; on a GPU peak
 allocated memory), the padding fraction of computed tokens, and achieved FLOP/s as a fraction of this
@@ -310,12 +313,95 @@ def bench_rs_generation(model_dir: Path, a: argparse.Namespace) -> dict:
     }
 
 
+class IterationTimes:
+    """The time split of timed on-policy iterations (the ``time/<section>_s`` their rows carry; a checkout
+    from before they existed has none) and the update passes' own seconds, timed here around the
+    object's ``update`` so that any checkout is measured alike."""
+
+    def __init__(self, core) -> None:
+        self.seconds: dict[str, float] = {}
+        self.update_s = self.last_update_s = 0.0
+        update = core.update
+
+        def timed_update(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return update(*args, **kwargs)
+            finally:
+                self.last_update_s = time.perf_counter() - start
+
+        core.update = timed_update
+
+    def add(self, stats: dict) -> None:
+        self.update_s += self.last_update_s
+        for key, value in stats.items():
+            if key.startswith("time/") and key != "time/iteration_s":
+                self.seconds[key[5:-2]] = self.seconds.get(key[5:-2], 0.0) + value
+
+    def result(self, update_flops: float, sft_same_rows_s: float) -> dict:
+        """``update_vs_sft``: the last iteration's update speed over SFT steps' on its rows (1 = as fast)."""
+        total = sum(self.seconds.values()) or 1.0
+        split = {f"split/{k}": v / total for k, v in self.seconds.items()}
+        speeds = {"update_flops_per_s": update_flops / self.update_s}
+        return (
+            split
+            | speeds
+            | {"update_s": self.update_s, "update_vs_sft": sft_same_rows_s / self.last_update_s}
+        )
+
+
+def sft_steps_on(model, ro: dict, mini: int) -> float:
+    """Seconds of SFT-style steps (log-likelihood of the responses, forward + backward + AdamW, length
+    buckets) over a rollout's own rows in mini-batches of ``mini``: what the update passes over the same
+    rows would take at supervised speed, in the same process (so a drifting machine load cancels)."""
+    import torch
+
+    from align_cli.data.collate import length_buckets
+    from align_cli.forward import per_token_by_bucket, token_logprobs
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    start = time.perf_counter()
+    for first in range(0, len(ro["row_lengths"]), mini):
+        rows = list(range(first, min(first + mini, len(ro["row_lengths"]))))
+        lengths = [ro["row_lengths"][r] for r in rows]
+        batch = {k: v[rows][:, : max(lengths)] for k, v in ro["batch"].items()}
+        (logps,) = per_token_by_bucket(
+            lambda sub: (token_logprobs(model, sub)[0],), batch, length_buckets(lengths)
+        )
+        (-logps.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def count_padding(models) -> dict:
+    """Real and computed tokens of the scoring and training passes (use_cache=False; generation's
+    KV-cached steps and the shared-prompt scoring passes, which run on a KV cache, excluded)."""
+    passes = {"real": 0, "computed": 0}
+
+    def count(module, args, kwargs):
+        if kwargs.get("use_cache") is False and kwargs.get("attention_mask") is not None:
+            passes["real"] += int(kwargs["attention_mask"].sum())
+            passes["computed"] += kwargs["input_ids"].numel()
+
+    for m in models:
+        m.register_forward_pre_hook(count, with_kwargs=True)
+    return passes
+
+
+def bench_prompts(tokenizer, vocab: int, n: int, rng: random.Random) -> list:
+    from align_cli.data.prompts import Prompt
+
+    lengths = (rng.randint(20, 60) for _ in range(n))
+    texts = [tokenizer.decode([rng.randrange(10, vocab) for _ in range(length)]) for length in lengths]
+    return [Prompt(f"bench:{i}", text) for i, text in enumerate(texts)]
+
+
 def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
     """Whole PPO iterations (rollout + one epoch of updates) through the stage's own ``PPO`` object."""
 
     from rich.console import Console
 
-    from align_cli.data.prompts import Prompt
     from align_cli.engine.distributed import make_accelerator
     from align_cli.engine.run import Run
     from align_cli.models import load_reward_model, load_tokenizer
@@ -342,44 +428,99 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         "ppo", recipe.training, Path(tempfile.mkdtemp()), make_accelerator("fp32"), Console(), iterations
     )
     ppo = PPO(recipe, models, run)
-    # padding of the scoring and training passes (use_cache=False; generation's KV-cached steps excluded)
-    passes = {"real": 0, "computed": 0}
-
-    def count(module, args, kwargs):
-        if kwargs.get("use_cache") is False and kwargs.get("attention_mask") is not None:
-            passes["real"] += int(kwargs["attention_mask"].sum())
-            passes["computed"] += kwargs["input_ids"].numel()
-
-    for m in (policy, reference, scorer):
-        m.register_forward_pre_hook(count, with_kwargs=True)
+    passes = count_padding((policy, reference, scorer))
+    times = IterationTimes(ppo)
     rng = random.Random(2)
-    vocab = policy.config.vocab_size
-    elapsed, tokens, flops = 0.0, 0, 0
+    elapsed, tokens, flops, update_flops = 0.0, 0, 0, 0
     for it in range(iterations):
-        texts = [
-            tokenizer.decode([rng.randrange(10, vocab) for _ in range(rng.randint(20, 60))])
-            for _ in range(p.rollout_batch_size)
-        ]
-        prompts = [Prompt(f"bench:{i}", text) for i, text in enumerate(texts)]
+        prompts = bench_prompts(tokenizer, policy.config.vocab_size, p.rollout_batch_size, rng)
         start = time.perf_counter()
-        ro = ppo.rollout(prompts, it)
-        ppo.update(ro, it)
+        ro, stats = ppo.iteration(prompts, it)
         took = time.perf_counter() - start
         if it == 0:  # warm-up
             passes.update(real=0, computed=0)
             continue
         elapsed += took
+        times.add(stats)
         mask = ro["batch"]["attention_mask"]
         n_tok, n_resp = int(mask.sum()), int(ro["lengths"].sum())
         tokens += n_tok
         # generation, then policy + reference + reward forward passes, then forward + backward
         flops += 2 * body * n_tok + 2 * head * n_resp
         flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
-        flops += p.ppo_epochs * (6 * body * n_tok + 6 * head * n_resp)
-    return {
+        update_flops += p.ppo_epochs * (6 * body * n_tok + 6 * head * n_resp)  # as sft counts a step
+    sft_s = sft_steps_on(policy, ro, p.mini_batch_size)
+    return times.result(update_flops, sft_s) | {
         "tokens_per_s": tokens / elapsed,
         "steps_per_s": a.ppo_iterations / elapsed,
-        "flops_per_s": flops / elapsed,
+        "flops_per_s": (flops + update_flops) / elapsed,
+        "padding_fraction": 1 - passes["real"] / passes["computed"],
+        "peak_memory_mb": peak_mb(),
+    }
+
+
+def bench_grpo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
+    """Whole GRPO iterations through the stage's own ``GroupPolicyGradient``: ``--grpo-prompts`` prompts x
+    G = 4 samples, scored by a reward model, reference at beta 0.04, two mini-batches of updates."""
+    from rich.console import Console
+
+    from align_cli.engine.distributed import make_accelerator
+    from align_cli.engine.run import Run
+    from align_cli.group_core import GroupPolicyGradient
+    from align_cli.models import load_reward_model, load_tokenizer
+    from align_cli.recipe import GRPOSection, ModelSection, Recipe, TrainingSection
+    from align_cli.rewards import RewardSource
+    from align_cli.stages.grpo import settings
+
+    section = ModelSection(name_or_path=str(model_dir))
+    tokenizer = load_tokenizer(section)
+    policy = _causal_lm(model_dir)
+    reference = _causal_lm(model_dir).eval().requires_grad_(False)
+    scorer = load_reward_model(section, tokenizer.pad_token_id).eval().requires_grad_(False)
+    body, head = param_split(policy)
+    group, prompts_per_iteration = 4, a.grpo_prompts
+    g = GRPOSection(
+        num_generations=group,
+        prompts_per_iteration=prompts_per_iteration,
+        mini_batch_size=prompts_per_iteration * group // 2,
+        num_iterations=1,
+        max_new_tokens=a.max_new_tokens,
+        beta=0.04,
+    )
+    recipe = Recipe(training=TrainingSection(lr=1e-6), grpo=g)
+    shared, algorithm = settings(recipe)
+    iterations = a.ppo_iterations + 1
+    run = Run(
+        "grpo", recipe.training, Path(tempfile.mkdtemp()), make_accelerator("fp32"), Console(), iterations
+    )
+    source = RewardSource(reward_model=scorer, tokenizer=tokenizer)
+    core = GroupPolicyGradient(shared, algorithm, policy, reference, tokenizer, source, run)
+    passes = count_padding((policy, reference, scorer))
+    times = IterationTimes(core)
+    rng = random.Random(3)
+    elapsed, tokens, flops, update_flops = 0.0, 0, 0, 0
+    for it in range(iterations):
+        prompts = bench_prompts(tokenizer, policy.config.vocab_size, prompts_per_iteration, rng)
+        start = time.perf_counter()
+        ro, stats = core.iteration(prompts, it)
+        took = time.perf_counter() - start
+        if it == 0:  # warm-up
+            passes.update(real=0, computed=0)
+            continue
+        elapsed += took
+        times.add(stats)
+        mask = ro["batch"]["attention_mask"]
+        n_tok, n_resp = int(mask.sum()), int(ro["lengths"].sum())
+        tokens += n_tok
+        # generation, then old-policy + reference + reward forward passes, then forward + backward
+        flops += 2 * body * n_tok + 2 * head * n_resp
+        flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
+        update_flops += g.num_iterations * (6 * body * n_tok + 6 * head * n_resp)
+    sft_s = sft_steps_on(policy, ro, g.mini_batch_size)
+    return times.result(update_flops, sft_s) | {
+        "tokens_per_s": tokens / elapsed,
+        "steps_per_s": a.ppo_iterations / elapsed,
+        "flops_per_s": (flops + update_flops) / elapsed,
         "padding_fraction": 1 - passes["real"] / passes["computed"],
         "peak_memory_mb": peak_mb(),
     }
@@ -393,6 +534,7 @@ STAGES = {
     "dpo_live": bench_dpo_live,
     "rs_generation": bench_rs_generation,
     "ppo_iteration": bench_ppo_iteration,
+    "grpo_iteration": bench_grpo_iteration,
 }
 # stages whose hot path has a naive twin
 HAS_NAIVE = ("sft", "dpo_cold", "dpo_warm", "dpo_live", "ppo_iteration")
@@ -413,6 +555,8 @@ def child(args: argparse.Namespace) -> None:
     matmul = matmul_flops(args.threads)
     result = STAGES[args.child](Path(args.model), args)
     result |= {"matmul_flops_per_s": matmul, "mfu": result["flops_per_s"] / matmul}
+    if "update_flops_per_s" in result:  # on-policy stages: their update passes alone, as sft's steps
+        result["update_mfu"] = result["update_flops_per_s"] / matmul
     print("RESULT " + json.dumps(result))
 
 
@@ -426,6 +570,7 @@ def run_child(stage: str, naive: bool, model_dir: Path, args: argparse.Namespace
         "gen_prompts",
         "ppo_rollouts",
         "ppo_iterations",
+        "grpo_prompts",
     ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if naive:
@@ -474,8 +619,9 @@ def main() -> None:
     parser.add_argument("--gen-prompts", type=int, default=2, help="prompts for rs_generation (N = 16 each)")
     parser.add_argument("--ppo-rollouts", type=int, default=8)
     parser.add_argument(
-        "--ppo-iterations", type=int, default=2, help="timed PPO iterations (after one warm-up)"
+        "--ppo-iterations", type=int, default=2, help="timed PPO / GRPO iterations (after one warm-up)"
     )
+    parser.add_argument("--grpo-prompts", type=int, default=4, help="grpo_iteration: prompts x G = 4 samples")
     parser.add_argument("--naive", action="store_true", help="also measure the naive log-prob path")
     parser.add_argument(
         "--before",
@@ -580,7 +726,36 @@ def markdown(results: dict) -> str:
             )
         if "reference_pass_s" in s:
             lines.append(f"\n{stage}: reference log-prob pass {s['reference_pass_s']['median']:.1f} s")
+    lines += split_table(results)
     return "\n".join(lines)
+
+
+def split_table(results: dict) -> list[str]:
+    """The on-policy stages' iteration time split (medians of each section's share) and their update
+    passes' FLOP/s fraction next to sft's."""
+    stages = {k: s for k, s in results["stages"].items() if "update_mfu" in s}
+    if not stages:
+        return []
+    from align_cli.engine.timing import ORDER
+
+    seen = {k[6:] for s in stages.values() for k in s if k.startswith("split/")}
+    sections = [k for k in ORDER if k in seen] + sorted(seen - set(ORDER))
+    lines = [
+        "",
+        f"| on-policy stage | {' | '.join(sections)} | update FLOP/s vs matmul | sft's | update vs sft steps "
+        "on its rows |",
+        "|---|" + "---|" * (len(sections) + 3),
+    ]
+    for name, s in stages.items():
+        shares = [f"{s[f'split/{k}']['median']:.0%}" if f"split/{k}" in s else "-" for k in sections]
+        variant = name[name.index(" ") :] if " " in name else ""  # "(before)": that checkout's sft
+        sft = results["stages"].get(f"sft{variant}", {}).get("mfu", {}).get("median")
+        sft_text = f"{sft:.1%}" if sft is not None else "-"
+        same = f"{s['update_vs_sft']['median']:.2f}x" if "update_vs_sft" in s else "-"
+        lines.append(
+            f"| {name} | {' | '.join(shares)} | {s['update_mfu']['median']:.1%} | {sft_text} | {same} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from align_cli.engine.metrics import MetricsLog, plot_metrics, print_table
 from align_cli.engine.nonfinite import NonFiniteError, last_good_checkpoint, nan_context
 from align_cli.engine.optim import apply_training_settings, build_optimizer, build_scheduler
 from align_cli.engine.signals import StopFlag, StoppedBySignal, stop_on_signals, stop_requested
+from align_cli.engine.timing import SectionTimer, describe_split, time_split
 from align_cli.model_card import write_model_card
 from align_cli.models import count_parameters
 from align_cli.recipe import TrainingSection
@@ -75,6 +76,7 @@ class Run:
         self.schedule = SaveSchedule.for_run(t.save_every, t.save_every_minutes, total, time.monotonic())
         # adds config and tokenizer to each checkpoint so from_pretrained loads it (set by the stage)
         self.hf_files: Callable[[Path], Any] | None = None
+        self.timer = SectionTimer(accelerator.device)  # on-policy loops: time/<section>_s of an iteration
 
     @property
     def is_main(self) -> bool:
@@ -247,23 +249,29 @@ class Run:
 
     def cost_rows(self, summary: dict[str, Any]) -> list[tuple[str, Any]]:
         """The summary table's last rows, the same for every stage: skipped updates (when any, or when
-        skipping is on), peak memory, elapsed time, the final model."""
+        skipping is on), the on-policy time split (when iterations logged one), peak memory, elapsed time,
+        the final model."""
         skipped = [("skipped updates (non-finite)", self.skipped)]
+        split = [("time", describe_split(summary["time_split"]))] if summary.get("time_split") else []
         return [
             *(skipped if self.t.nan_policy == "skip" or self.skipped else []),
+            *split,
             ("peak memory (MB)", summary["peak_memory_mb"]),
             ("elapsed (s)", summary["elapsed_s"]),
             ("final model", summary["final_model"]),
         ]
 
     def summary(self, model: torch.nn.Module, **figures: Any) -> dict[str, Any]:
-        """summary.json of a run: what ran and where, the stage's own ``figures``, and the costs."""
+        """summary.json of a run: what ran and where, the stage's own ``figures``, and the costs (with
+        ``time_split``: seconds and fractions per section, when the iterations logged ``time/...``)."""
         trainable, total = count_parameters(model)
+        split = time_split(self.metrics.rows) if self.metrics else {}
         return {
             "stage": self.name,
             "run_dir": str(self.run_dir),
             "final_model": str(self.run_dir / FINAL),
             **figures,
+            **({"time_split": split} if split else {}),
             "elapsed_s": self.elapsed,
             "peak_memory_mb": peak_memory_mb(),
             "parameters_trainable": trainable,
