@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from align_cli.errors import AlignError
+
 log = logging.getLogger("align")
 
 
@@ -28,6 +30,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int = 0
     prompts_per_batch: int = 8  # prompts per generate call (each with its n samples)
+    # "lean": decode.py's loop (shared prompt prefill); "generate": transformers' generate, the fallback
+    # that ZeRO-3 / FSDP (synced_gpus) and models the lean loop cannot serve always take
+    decoder: str = "lean"
 
 
 @dataclass
@@ -37,6 +42,9 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]  # up to and including the stop token when one was emitted
     finished: bool  # True when a stop token ended the response (False: hit max_new_tokens)
+    # lean decoder only: log softmax(logits / temperature) of each response token, before top-k/top-p
+    # truncation (what the trainers recompute); None from the generate and vLLM paths
+    logprobs: list[float] | None = None
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -115,6 +123,7 @@ def sample(
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    lean = use_lean_loop(model, params, synced_gpus)
     was_training = model.training
     model.eval()
     out: list[Sample] = []
@@ -123,38 +132,81 @@ def sample(
             chunk = prompts[start : start + params.prompts_per_batch]
             ids, mask = left_pad(chunk, pad, device)
             torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
-            greedy = params.temperature <= 0
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p,
-                top_k=None if greedy else params.top_k,
-                max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.n,
-                eos_token_id=stops,
-                pad_token_id=pad,
-                use_cache=True,
-                synced_gpus=synced_gpus,
-            )
-            new = generated[:, ids.shape[1] :].tolist()
-            for row, tokens in enumerate(new):
+            if lean:
+                rows = _lean(model, ids, mask, params, stops, pad)
+            else:
+                rows = _generate(model, ids, mask, params, stops, pad, synced_gpus)
+            for row, (tokens, finished, logprobs) in enumerate(rows):
                 prompt_row = row // params.n
-                cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
                 out.append(
                     Sample(
                         prompt_index=start + prompt_row,
                         sample_index=row % params.n,
                         prompt_ids=chunk[prompt_row],
-                        response_ids=tokens[:cut] if cut else tokens,
-                        finished=cut is not None,
+                        response_ids=tokens,
+                        finished=finished,
+                        logprobs=logprobs,
                     )
                 )
             if progress is not None:
-                progress(len(new))
+                progress(len(rows))
     model.train(was_training)
     return out
+
+
+Row = tuple[list[int], bool, list[float] | None]  # response tokens, finished, log-probs
+
+
+def use_lean_loop(model: Any, params: SamplingParams, synced_gpus: bool) -> bool:
+    """The lean loop serves decoder-only models on one process; ZeRO-3 / FSDP (every process must step
+    until all are done), encoder-decoders and ``decoder="generate"`` take transformers' generate."""
+    if params.decoder not in ("lean", "generate"):
+        raise AlignError(f"sampling decoder must be 'lean' or 'generate', not {params.decoder!r}")
+    config = getattr(model, "config", None)
+    return params.decoder == "lean" and not synced_gpus and not getattr(config, "is_encoder_decoder", False)
+
+
+def _lean(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, stops: list[int], pad: int
+) -> list[Row]:
+    from align_cli.decode import decode
+
+    d = decode(
+        model, ids, mask, params.n, params.max_new_tokens, stops, pad,
+        params.temperature, params.top_k, params.top_p,
+    )  # fmt: skip
+    return list(zip(d.tokens, d.finished, d.logprobs))
+
+
+def _generate(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    params: SamplingParams,
+    stops: list[int],
+    pad: int,
+    synced_gpus: bool,
+) -> list[Row]:
+    greedy = params.temperature <= 0
+    generated = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=not greedy,
+        temperature=None if greedy else params.temperature,
+        top_p=None if greedy else params.top_p,
+        top_k=None if greedy else params.top_k,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+    )
+    rows: list[Row] = []
+    for tokens in generated[:, ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+        rows.append((tokens[:cut] if cut else tokens, cut is not None, None))
+    return rows
 
 
 def shard_batches(count: int, per_batch: int, rank: int, world: int) -> tuple[int, int, int]:
