@@ -1,9 +1,12 @@
-"""Batched sampling with a KV cache, shared by rejection sampling, PPO and evaluation.
+"""Batched sampling with a KV cache, shared by rejection sampling, PPO, GRPO/RLOO, online DPO and eval.
 
-Prompts are left-padded (decoder-only models continue from the last real token), the N samples of a
-prompt are generated together (``num_return_sequences``), and every batch is seeded from
-(seed, batch index), so a rerun with the same seed and batch size gives the same samples. vLLM is
-used when it is installed and a GPU is present (``backend="auto"``); plain transformers otherwise.
+Prompts are left-padded (decoder-only models continue from the last real token) and every batch is
+seeded from (seed, global batch index), so a rerun with the same seed and batch size gives the same
+samples whatever the number of processes. The N samples of a prompt are drawn together by the lean
+decode loop (decode.py: one shared prefill per prompt, preallocated cache, finished rows dropped);
+transformers' ``generate`` (``num_return_sequences``) is the fallback for ZeRO-3 / FSDP (synced_gpus),
+encoder-decoders and ``SamplingParams(decoder="generate")``; both draw from the same distribution.
+vLLM (``sample_vllm``, vllm_engine.py) serves rejection sampling and the on-policy stages on GPUs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class SamplingParams:
     # "lean": decode.py's loop (shared prompt prefill); "generate": transformers' generate, the fallback
     # that ZeRO-3 / FSDP (synced_gpus) and models the lean loop cannot serve always take
     decoder: str = "lean"
+    compile_decode: bool = False  # lean loop: torch.compile its decode step (measured not worth it on CPU)
 
 
 @dataclass
@@ -173,7 +177,7 @@ def _lean(
 
     d = decode(
         model, ids, mask, params.n, params.max_new_tokens, stops, pad,
-        params.temperature, params.top_k, params.top_p,
+        params.temperature, params.top_k, params.top_p, params.compile_decode,
     )  # fmt: skip
     return list(zip(d.tokens, d.finished, d.logprobs))
 
