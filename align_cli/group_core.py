@@ -35,9 +35,10 @@ from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
 from align_cli.forward import per_token_by_bucket, response_logprobs, token_logprobs
-from align_cli.generation import SamplingParams, sample
+from align_cli.generation import SamplingParams
 from align_cli.reference import LiveReference
 from align_cli.rewards import Rewards
+from align_cli.vllm_engine import VllmRollouts, rollout_samples
 
 # the one call site of scoring: r(x, y) of each (prompt, completion text, ended by itself) sample, the
 # total and each source's own values (a ``rewards.RewardSource`` is one)
@@ -110,6 +111,7 @@ class GroupPolicyGradient:
             policy, run.total * s.optimizer_steps(), s.mini_batch_size // acc.num_processes
         )
         self.reference = reference.to(acc.device) if reference is not None else None
+        self.engine: VllmRollouts | None = None  # backend vllm: the stage sets it
 
     # ------------------------------------------------------------------ steps 1-4: one rollout
 
@@ -131,7 +133,7 @@ class GroupPolicyGradient:
         # batches seeded by their global index: this process's prompts follow those of the processes before
         first = acc.process_index * -(-len(prompts) // per_batch)
         with for_generation(acc, self.model) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
-            samples = sample(unwrapped, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
+            samples = rollout_samples(self.engine, unwrapped, tok, prompt_ids, params, first, synced)
         examples = [
             {"prompt_ids": x.prompt_ids, "responses": [x.response_ids], "margin": None} for x in samples
         ]

@@ -30,11 +30,12 @@ from align_cli.data.prompts import Prompt
 from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
-from align_cli.generation import SamplingParams, sample
+from align_cli.generation import SamplingParams
 from align_cli.group_core import ScoreSamples
 from align_cli.reference import LiveReference
 from align_cli.sections import DPOSection
 from align_cli.stages.dpo import make_collate, make_compute_loss
+from align_cli.vllm_engine import VllmRollouts, rollout_samples
 
 
 @dataclass
@@ -95,6 +96,7 @@ class OnlineDPO:
             policy, run.total * settings.optimizer_steps(), settings.mini_batch_size
         )
         self.reference = LiveReference(acc, reference.to(acc.device) if reference is not None else None)
+        self.engine: VllmRollouts | None = None  # online_dpo.backend vllm: the stage sets it
         self.collate = make_collate(tokenizer.pad_token_id)
         self.compute_loss = make_compute_loss(settings.loss)  # reads each batch's ref_logps
 
@@ -118,7 +120,7 @@ class OnlineDPO:
             prompts_per_batch=min(s.prompts_per_batch, len(prompts)),
         )
         prompt_ids = [x.ids(s.template, tok) for x in prompts]
-        samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
+        samples = rollout_samples(self.engine, self.acc.unwrap_model(self.model), tok, prompt_ids, params)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_of = [x.prompt_index for x in samples]

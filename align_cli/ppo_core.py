@@ -34,11 +34,12 @@ from align_cli.engine.distributed import for_generation, mean_across
 from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
-from align_cli.generation import SamplingParams, sample
+from align_cli.generation import SamplingParams
 from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, PPOSection, Recipe, RecipeError
 from align_cli.reference import LiveReference, frozen_reference
 from align_cli.scoring import score
+from align_cli.vllm_engine import VllmRollouts, rollout_samples
 
 
 @dataclass
@@ -98,6 +99,7 @@ class PPO:
     def __init__(self, recipe: Recipe, models: PPOModels, run: Run, ptx: list | None = None) -> None:
         p = self.p = recipe.ppo
         self.recipe, self.models, self.run, self.ptx = recipe, models, run, ptx or []
+        self.engine: VllmRollouts | None = None  # ppo.backend vllm: the stage sets it
         acc = self.acc = run.acc
         updates = p.ppo_epochs * -(-p.rollout_batch_size // p.mini_batch_size)  # optimizer steps each
         self.actor, self.optimizer, self.scheduler = run.prepare(
@@ -131,8 +133,8 @@ class PPO:
         )
         prompt_ids = [x.ids(self.recipe.data.template, tok) for x in prompts]
         with for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
-            samples = sample(
-                unwrapped.policy, tok, prompt_ids, params, first_batch=acc.process_index, synced_gpus=synced
+            samples = rollout_samples(
+                self.engine, unwrapped.policy, tok, prompt_ids, params, acc.process_index, synced
             )
         examples = [
             {"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples
