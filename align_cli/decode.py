@@ -181,7 +181,7 @@ def decode(
         tokens[alive, step] = nxt
         logps[alive, step] = lp
         hit = torch.isin(nxt, stop_ids) & ~done  # a finished row's later tokens are cut off below
-        ends[alive[hit]] = step + 1
+        ends[alive] = torch.where(hit, step + 1, ends[alive])  # no boolean indexing: no host sync
         done = done | hit
         finished = int(done.sum())  # the one host sync of the step
         if finished == len(alive) or step == max_new_tokens - 1:

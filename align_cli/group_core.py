@@ -35,10 +35,10 @@ from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
 from align_cli.forward import per_token_by_bucket, response_logprobs, token_logprobs
-from align_cli.generation import SamplingParams
+from align_cli.generation import SamplingParams, sample
 from align_cli.reference import LiveReference
 from align_cli.rewards import Rewards
-from align_cli.vllm_engine import VllmRollouts, rollout_samples
+from align_cli.vllm_engine import VllmRollouts
 
 # the one call site of scoring: r(x, y) of each (prompt, completion text, ended by itself) sample, the
 # total and each source's own values (a ``rewards.RewardSource`` is one)
@@ -133,7 +133,10 @@ class GroupPolicyGradient:
         # batches seeded by their global index: this process's prompts follow those of the processes before
         first = acc.process_index * -(-len(prompts) // per_batch)
         with for_generation(acc, self.model) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
-            samples = rollout_samples(self.engine, unwrapped, tok, prompt_ids, params, first, synced)
+            if self.engine is not None:  # backend vllm
+                samples = self.engine.sample(unwrapped, prompt_ids, params, first)
+            else:
+                samples = sample(unwrapped, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
         examples = [
             {"prompt_ids": x.prompt_ids, "responses": [x.response_ids], "margin": None} for x in samples
         ]

@@ -30,12 +30,12 @@ from align_cli.data.prompts import Prompt
 from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
-from align_cli.generation import SamplingParams
+from align_cli.generation import SamplingParams, sample
 from align_cli.group_core import ScoreSamples
 from align_cli.reference import LiveReference
 from align_cli.sections import DPOSection
 from align_cli.stages.dpo import make_collate, make_compute_loss
-from align_cli.vllm_engine import VllmRollouts, rollout_samples
+from align_cli.vllm_engine import VllmRollouts
 
 
 @dataclass
@@ -120,7 +120,10 @@ class OnlineDPO:
             prompts_per_batch=min(s.prompts_per_batch, len(prompts)),
         )
         prompt_ids = [x.ids(s.template, tok) for x in prompts]
-        samples = rollout_samples(self.engine, self.acc.unwrap_model(self.model), tok, prompt_ids, params)
+        if self.engine is not None:  # online_dpo.backend vllm
+            samples = self.engine.sample(self.acc.unwrap_model(self.model), prompt_ids, params)
+        else:
+            samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_of = [x.prompt_index for x in samples]

@@ -34,12 +34,12 @@ from align_cli.engine.distributed import for_generation, mean_across
 from align_cli.engine.faults import fault_point
 from align_cli.engine.nonfinite import NonFiniteError, check_finite
 from align_cli.engine.run import Run
-from align_cli.generation import SamplingParams
+from align_cli.generation import SamplingParams, sample
 from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, PPOSection, Recipe, RecipeError
 from align_cli.reference import LiveReference, frozen_reference
 from align_cli.scoring import score
-from align_cli.vllm_engine import VllmRollouts, rollout_samples
+from align_cli.vllm_engine import VllmRollouts
 
 
 @dataclass
@@ -133,9 +133,11 @@ class PPO:
         )
         prompt_ids = [x.ids(self.recipe.data.template, tok) for x in prompts]
         with for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP: every process steps
-            samples = rollout_samples(
-                self.engine, unwrapped.policy, tok, prompt_ids, params, acc.process_index, synced
-            )
+            if self.engine is not None:  # ppo.backend vllm
+                samples = self.engine.sample(unwrapped.policy, prompt_ids, params, acc.process_index)
+            else:
+                first, policy = acc.process_index, unwrapped.policy
+                samples = sample(policy, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
         examples = [
             {"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples
         ]

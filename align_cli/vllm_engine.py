@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from align_cli.errors import AlignError
-from align_cli.generation import Sample, SamplingParams, sample, stop_token_ids
+from align_cli.generation import Sample, SamplingParams, stop_token_ids
 
 BACKENDS = ("auto", "transformers", "vllm")
 
@@ -135,21 +135,6 @@ class VllmRollouts:
                 tokens = list(completion.token_ids)
                 samples.append(Sample(index, k, prompts[index], tokens, bool(tokens) and tokens[-1] in stops))
         return samples
-
-
-def rollout_samples(
-    engine: VllmRollouts | None,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    first_batch: int = 0,
-    synced_gpus: bool = False,
-) -> list[Sample]:
-    """The on-policy stages' sampler: the vLLM engine when the stage made one, else ``sample``."""
-    if engine is None:
-        return sample(model, tokenizer, prompts, params, first_batch=first_batch, synced_gpus=synced_gpus)
-    return engine.sample(model, prompts, params, first_batch)
 
 
 def make_rollouts(backend: str, model_dir: str, tokenizer: Any, seed: int) -> VllmRollouts | None:
