@@ -11,6 +11,7 @@ vLLM (``sample_vllm``, vllm_engine.py) serves rejection sampling and the on-poli
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,12 +163,26 @@ Row = tuple[list[int], bool, list[float] | None]  # response tokens, finished, l
 
 
 def use_lean_loop(model: Any, params: SamplingParams, synced_gpus: bool) -> bool:
-    """The lean loop serves decoder-only models on one process; ZeRO-3 / FSDP (every process must step
-    until all are done), encoder-decoders and ``decoder="generate"`` take transformers' generate."""
+    """The lean loop serves decoder-only full-attention models; ZeRO-3 / FSDP (every process must step
+    until all are done), encoder-decoders, sliding-window models and ``decoder="generate"`` take
+    transformers' generate."""
     if params.decoder not in ("lean", "generate"):
         raise AlignError(f"sampling decoder must be 'lean' or 'generate', not {params.decoder!r}")
-    config = getattr(model, "config", None)
-    return params.decoder == "lean" and not synced_gpus and not getattr(config, "is_encoder_decoder", False)
+    if params.decoder == "generate" or synced_gpus:
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    config = getattr(inner, "config", None)
+    accepts = inspect.signature(inner.forward).parameters
+    # the preallocated cache is one full-attention layer type: sliding-window / linear-attention hybrids
+    # (their own cache layers) and models without transformers 5's cache / logits_to_keep take generate
+    full = all(t == "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"])
+    return (
+        full
+        and not getattr(config, "is_encoder_decoder", False)
+        and not getattr(config, "sliding_window", None)
+        and "cache" in accepts
+        and "logits_to_keep" in accepts
+    )
 
 
 def _lean(

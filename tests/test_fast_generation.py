@@ -118,3 +118,19 @@ def test_unknown_decoder_is_a_clear_error(lm):
     model, tok = lm
     with pytest.raises(AlignError, match="decoder"):
         sample(model, tok, prompts(tok), SamplingParams(decoder="fast"))
+
+
+def test_which_models_take_the_lean_loop(lm):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from align_cli.generation import use_lean_loop
+
+    model, _ = lm
+    assert use_lean_loop(model, SamplingParams(), synced_gpus=False)
+    assert not use_lean_loop(model, SamplingParams(), synced_gpus=True)  # ZeRO-3 / FSDP: every process steps
+    assert not use_lean_loop(model, SamplingParams(decoder="generate"), synced_gpus=False)
+    tiny = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    sliding = MistralForCausalLM(MistralConfig(**tiny, sliding_window=16))
+    assert not use_lean_loop(sliding, SamplingParams(), synced_gpus=False)
