@@ -6,7 +6,7 @@ prefill, so a best-of-16 batch runs each prompt through the model 16 times, and 
 decode step does not hide. Here:
 
 - the prompts of a batch are prefilled once (LM head on the last position only); the KV cache and the
-  last logits are then repeated n times (``DynamicCache.batch_repeat_interleave``), so the n samples of a
+  last logits are then repeated n times (the cache's ``batch_repeat_interleave``), so the n samples of a
   prompt share its prefill;
 - every step is one forward of the model on one token per live row; the only host sync is the count of
   finished rows, and rows that finished are dropped from the batch (cache included) once a quarter of
@@ -24,7 +24,6 @@ stages recompute their log-probs with the trainer in any case and never use thes
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,15 +39,14 @@ DROP_FRACTION = 0.25  # drop finished rows once this share of the live batch has
 # torch.compile of the decode step, off by default: on this project's CPU machine (small preset, 16 rows)
 # a compiled step took ~1.0 s of CPU per 48 steps against ~1.1-1.3 s eager, after ~50 s of CPU to compile
 # (330 s wall on the shared machine): not worth it for one rollout. ``SamplingParams.compile_decode``.
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_step(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under torch.compile (dynamic shapes: the cache grows every step), made once per model;
-    kept outside the model so it does not become a submodule of its state dict."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
-    return _COMPILED[model]
+    """The model under torch.compile (dynamic shapes: the cache grows every step), made once per model
+    and kept in its __dict__ (object.__setattr__), so it does not become a submodule of its state dict."""
+    if "_align_compiled_step" not in model.__dict__:
+        object.__setattr__(model, "_align_compiled_step", torch.compile(model, dynamic=True))
+    return model.__dict__["_align_compiled_step"]
 
 
 class PreallocatedLayer(DynamicLayer):
