@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -153,14 +154,21 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     compile_step: bool = False,
+    streamer: Any = None,
 ) -> Decoded:
-    """Sample n continuations of each left-padded prompt row (greedy when ``temperature <= 0``)."""
+    """Sample n continuations of each left-padded prompt row (greedy when ``temperature <= 0``).
+    ``streamer``: fed as ``generate`` feeds one (the prompt, then each token, then ``end()``); one row
+    only, and it costs a host copy per token."""
     step_model = compiled_step(model) if compile_step else model
     device = ids.device
     greedy = temperature <= 0
     chain = warpers(1.0 if greedy else temperature, 0 if greedy else top_k, 1.0 if greedy else top_p)
     scale = 1.0 if greedy else temperature
     stop_ids = torch.tensor(stops, device=device)
+    if streamer is not None:
+        if ids.shape[0] * n != 1:
+            raise ValueError("a streamer takes one prompt and one sample")
+        streamer.put(ids.cpu())
     cache, logits, mask, pos = prefill(model, ids, mask, n, room=max_new_tokens)
     rows = logits.shape[0]
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -181,6 +189,8 @@ def decode(
         hit = torch.isin(nxt, stop_ids) & ~done  # a finished row's later tokens are cut off below
         ends[alive] = torch.where(hit, step + 1, ends[alive])  # no boolean indexing: no host sync
         done = done | hit
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         finished = int(done.sum())  # the one host sync of the step
         if finished == len(alive) or step == max_new_tokens - 1:
             break
@@ -196,6 +206,8 @@ def decode(
         cache = out.cache if getattr(out, "cache", None) is not None else cache
         logits = out.logits[:, -1, :].float()
         pos = pos + 1
+    if streamer is not None:
+        streamer.end()
     lengths = ends.tolist()
     token_rows, logp_rows = tokens.tolist(), logps.tolist()
     return Decoded(

@@ -117,6 +117,7 @@ def sample(
     progress: Any = None,
     first_batch: int = 0,
     synced_gpus: bool = False,
+    streamer: Any = None,
 ) -> list[Sample]:
     """Sample ``params.n`` responses for every prompt (token ids); ordered by prompt, then sample.
 
@@ -124,7 +125,9 @@ def sample(
     ``first_batch``: the global index of this call's first batch, when the prompts are one process's
     contiguous share of a larger list (``shard_batches``): batches are seeded by global index, so the
     samples do not depend on the number of processes. ``synced_gpus``: keep stepping until every
-    process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation)."""
+    process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation).
+    ``streamer``: a transformers streamer (e.g. ``TextStreamer``) that sees tokens as they are
+    generated, as ``model.generate`` feeds one; one prompt and ``params.n == 1`` only (``align chat``)."""
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -138,9 +141,9 @@ def sample(
             ids, mask = left_pad(chunk, pad, device)
             torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
             if lean:
-                rows = _lean(model, ids, mask, params, stops, pad)
+                rows = _lean(model, ids, mask, params, stops, pad, streamer)
             else:
-                rows = _generate(model, ids, mask, params, stops, pad, synced_gpus)
+                rows = _generate(model, ids, mask, params, stops, pad, synced_gpus, streamer)
             for row, (tokens, finished, logprobs) in enumerate(rows):
                 prompt_row = row // params.n
                 out.append(
@@ -186,13 +189,19 @@ def use_lean_loop(model: Any, params: SamplingParams, synced_gpus: bool) -> bool
 
 
 def _lean(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, stops: list[int], pad: int
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    params: SamplingParams,
+    stops: list[int],
+    pad: int,
+    streamer: Any = None,
 ) -> list[Row]:
     from align_cli.decode import decode
 
     d = decode(
         model, ids, mask, params.n, params.max_new_tokens, stops, pad,
-        params.temperature, params.top_k, params.top_p, params.compile_decode,
+        params.temperature, params.top_k, params.top_p, params.compile_decode, streamer,
     )  # fmt: skip
     return list(zip(d.tokens, d.finished, d.logprobs))
 
@@ -205,6 +214,7 @@ def _generate(
     stops: list[int],
     pad: int,
     synced_gpus: bool,
+    streamer: Any = None,
 ) -> list[Row]:
     greedy = params.temperature <= 0
     generated = model.generate(
@@ -220,6 +230,7 @@ def _generate(
         pad_token_id=pad,
         use_cache=True,
         synced_gpus=synced_gpus,
+        streamer=streamer,
     )
     rows: list[Row] = []
     for tokens in generated[:, ids.shape[1] :].tolist():

@@ -134,3 +134,29 @@ def test_which_models_take_the_lean_loop(lm):
     )
     sliding = MistralForCausalLM(MistralConfig(**tiny, sliding_window=16))
     assert not use_lean_loop(sliding, SamplingParams(), synced_gpus=False)
+
+
+def test_a_streamer_sees_what_generate_shows_it(eos_prone):
+    """``align chat`` streams a reply through sample(streamer=...): the lean loop feeds the streamer as
+    generate does (the prompt, each new token, then end)."""
+
+    class Recorder:
+        def __init__(self):
+            self.seen, self.ended = [], False
+
+        def put(self, value):
+            self.seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    model, tok = eos_prone
+    ps = prompts(tok)[1:2]
+    seen = {}
+    for decoder in ("lean", "generate"):
+        rec = Recorder()
+        params = SamplingParams(n=1, max_new_tokens=20, temperature=0, decoder=decoder)
+        out = sample(model, tok, ps, params, streamer=rec)
+        assert rec.ended and sum(rec.seen[1:], []) == out[0].response_ids
+        seen[decoder] = rec.seen
+    assert seen["lean"] == seen["generate"] and seen["lean"][0] == ps[0]
