@@ -1,14 +1,18 @@
-"""Batched sampling with a KV cache, shared by rejection sampling, PPO and evaluation.
+"""Batched sampling with a KV cache, shared by rejection sampling, PPO, GRPO/RLOO, online DPO and eval.
 
-Prompts are left-padded (decoder-only models continue from the last real token), the N samples of a
-prompt are generated together (``num_return_sequences``), and every batch is seeded from
-(seed, batch index), so a rerun with the same seed and batch size gives the same samples. vLLM is
-used when it is installed and a GPU is present (``backend="auto"``); plain transformers otherwise.
+Prompts are left-padded (decoder-only models continue from the last real token) and every batch is
+seeded from (seed, global batch index), so a rerun with the same seed and batch size gives the same
+samples whatever the number of processes. The N samples of a prompt are drawn together by the lean
+decode loop (decode.py: one shared prefill per prompt, preallocated cache, finished rows dropped);
+transformers' ``generate`` (``num_return_sequences``) is the fallback for ZeRO-3 / FSDP (synced_gpus),
+encoder-decoders and ``SamplingParams(decoder="generate")``; both draw from the same distribution.
+vLLM (``sample_vllm``, vllm_engine.py) serves rejection sampling and the on-policy stages on GPUs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +35,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int = 0
     prompts_per_batch: int = 8  # prompts per generate call (each with its n samples)
+    # "lean": decode.py's loop (shared prompt prefill); "generate": transformers' generate, the fallback
+    # that ZeRO-3 / FSDP (synced_gpus) and models the lean loop cannot serve always take
+    decoder: str = "lean"
+    compile_decode: bool = False  # lean loop: torch.compile its decode step (measured not worth it on CPU)
 
 
 @dataclass
@@ -40,6 +48,9 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]  # up to and including the stop token when one was emitted
     finished: bool  # True when a stop token ended the response (False: hit max_new_tokens)
+    # lean decoder only: log softmax(logits / temperature) of each response token, before top-k/top-p
+    # truncation (what the trainers recompute); None from the generate and vLLM paths
+    logprobs: list[float] | None = None
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -126,11 +137,12 @@ def sample(
     contiguous share of a larger list (``shard_batches``): batches are seeded by global index, so the
     samples do not depend on the number of processes. ``synced_gpus``: keep stepping until every
     process is done (a model sharded with ZeRO-3 / FSDP; see engine.distributed.for_generation).
-    ``streamer``: passed to ``model.generate`` (a transformers streamer, e.g. ``TextStreamer``) to see
-    tokens as they are generated; one prompt and ``params.n == 1`` only (``align chat``)."""
+    ``streamer``: a transformers streamer (e.g. ``TextStreamer``) that sees tokens as they are
+    generated, as ``model.generate`` feeds one; one prompt and ``params.n == 1`` only (``align chat``)."""
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    lean = use_lean_loop(model, params, synced_gpus)
     was_training = model.training
     model.eval()
     out: list[Sample] = []
@@ -139,39 +151,103 @@ def sample(
             chunk = prompts[start : start + params.prompts_per_batch]
             ids, mask = left_pad(chunk, pad, device)
             torch.manual_seed(params.seed * 1_000_003 + first_batch + batch_index)
-            greedy = params.temperature <= 0
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=not greedy,
-                temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p,
-                top_k=None if greedy else params.top_k,
-                max_new_tokens=params.max_new_tokens,
-                num_return_sequences=params.n,
-                eos_token_id=stops,
-                pad_token_id=pad,
-                use_cache=True,
-                synced_gpus=synced_gpus,
-                streamer=streamer,
-            )
-            new = generated[:, ids.shape[1] :].tolist()
-            for row, tokens in enumerate(new):
+            if lean:
+                rows = _lean(model, ids, mask, params, stops, pad, streamer)
+            else:
+                rows = _generate(model, ids, mask, params, stops, pad, synced_gpus, streamer)
+            for row, (tokens, finished, logprobs) in enumerate(rows):
                 prompt_row = row // params.n
-                cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
                 out.append(
                     Sample(
                         prompt_index=start + prompt_row,
                         sample_index=row % params.n,
                         prompt_ids=chunk[prompt_row],
-                        response_ids=tokens[:cut] if cut else tokens,
-                        finished=cut is not None,
+                        response_ids=tokens,
+                        finished=finished,
+                        logprobs=logprobs,
                     )
                 )
             if progress is not None:
-                progress(len(new))
+                progress(len(rows))
     model.train(was_training)
     return out
+
+
+Row = tuple[list[int], bool, list[float] | None]  # response tokens, finished, log-probs
+
+
+def use_lean_loop(model: Any, params: SamplingParams, synced_gpus: bool) -> bool:
+    """The lean loop serves decoder-only full-attention models; ZeRO-3 / FSDP (every process must step
+    until all are done), encoder-decoders, sliding-window models and ``decoder="generate"`` take
+    transformers' generate."""
+    if params.decoder not in ("lean", "generate"):
+        raise AlignError(f"sampling decoder must be 'lean' or 'generate', not {params.decoder!r}")
+    if params.decoder == "generate" or synced_gpus:
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    config = getattr(inner, "config", None)
+    accepts = inspect.signature(inner.forward).parameters
+    # the preallocated cache is one full-attention layer type: sliding-window / linear-attention hybrids
+    # (their own cache layers) and models without transformers 5's cache / logits_to_keep take generate
+    full = all(t == "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"])
+    return (
+        full
+        and not getattr(config, "is_encoder_decoder", False)
+        and not getattr(config, "sliding_window", None)
+        and "cache" in accepts
+        and "logits_to_keep" in accepts
+    )
+
+
+def _lean(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    params: SamplingParams,
+    stops: list[int],
+    pad: int,
+    streamer: Any = None,
+) -> list[Row]:
+    from align_cli.decode import decode
+
+    d = decode(
+        model, ids, mask, params.n, params.max_new_tokens, stops, pad,
+        params.temperature, params.top_k, params.top_p, params.compile_decode, streamer,
+    )  # fmt: skip
+    return list(zip(d.tokens, d.finished, d.logprobs))
+
+
+def _generate(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    params: SamplingParams,
+    stops: list[int],
+    pad: int,
+    synced_gpus: bool,
+    streamer: Any = None,
+) -> list[Row]:
+    greedy = params.temperature <= 0
+    generated = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=not greedy,
+        temperature=None if greedy else params.temperature,
+        top_p=None if greedy else params.top_p,
+        top_k=None if greedy else params.top_k,
+        max_new_tokens=params.max_new_tokens,
+        num_return_sequences=params.n,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+        streamer=streamer,
+    )
+    rows: list[Row] = []
+    for tokens in generated[:, ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), None)
+        rows.append((tokens[:cut] if cut else tokens, cut is not None, None))
+    return rows
 
 
 def shard_batches(count: int, per_batch: int, rank: int, world: int) -> tuple[int, int, int]:

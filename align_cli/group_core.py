@@ -38,6 +38,7 @@ from align_cli.forward import per_token_by_bucket, response_logprobs, token_logp
 from align_cli.generation import SamplingParams, sample
 from align_cli.reference import LiveReference
 from align_cli.rewards import Rewards
+from align_cli.vllm_engine import VllmRollouts
 
 # the one call site of scoring: r(x, y) of each (prompt, completion text, ended by itself) sample, the
 # total and each source's own values (a ``rewards.RewardSource`` is one)
@@ -110,6 +111,7 @@ class GroupPolicyGradient:
             policy, run.total * s.optimizer_steps(), s.mini_batch_size // acc.num_processes
         )
         self.reference = reference.to(acc.device) if reference is not None else None
+        self.engine: VllmRollouts | None = None  # backend vllm: the stage sets it
 
     # ------------------------------------------------------------------ steps 1-4: one rollout
 
@@ -132,7 +134,10 @@ class GroupPolicyGradient:
         first = acc.process_index * -(-len(prompts) // per_batch)
         timer = self.run.timer
         with timer("generation"), for_generation(acc, self.model) as (unwrapped, synced):  # ZeRO-3 / FSDP
-            samples = sample(unwrapped, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
+            if self.engine is not None:  # backend vllm
+                samples = self.engine.sample(unwrapped, prompt_ids, params, first)
+            else:
+                samples = sample(unwrapped, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
         examples = [
             {"prompt_ids": x.prompt_ids, "responses": [x.response_ids], "margin": None} for x in samples
         ]

@@ -33,6 +33,7 @@ from align_cli.reference import frozen_reference
 from align_cli.rewards import REWARD_MODEL, RewardSource, load_reward_source
 from align_cli.runs import last_output
 from align_cli.sections import uses_reward_model
+from align_cli.vllm_engine import make_rollouts, resolve_backend
 
 
 def resolve(recipe: Recipe, section: Any, name: str) -> tuple[str, str | None, str]:
@@ -96,6 +97,7 @@ def run_group_stage(
             f"({s.mini_batch_size}) count over all {world} processes and must be multiples of that number "
             "(each process samples whole groups of its own prompts)"
         )
+    backend = resolve_backend(section.backend, name)  # a missing vLLM / GPU fails before models load
     set_seed(t.seed)
     policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
     policy = load_causal_lm(policy_section, tokenizer)
@@ -108,6 +110,7 @@ def run_group_stage(
     run = Run(name, t, run_dir, acc, console, iterations, unit="iteration")
     core = GroupPolicyGradient(s, algorithm, policy, reference, tokenizer, source, run)
     run.hf_files = checkpoint_files(acc, core.model, tokenizer)  # checkpoints load with from_pretrained
+    core.engine = make_rollouts(backend, policy_dir, tokenizer, t.seed)
     print_estimate(
         recipe,
         core.model,

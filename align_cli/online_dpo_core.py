@@ -35,6 +35,7 @@ from align_cli.group_core import ScoreSamples
 from align_cli.reference import LiveReference
 from align_cli.sections import DPOSection
 from align_cli.stages.dpo import make_collate, make_compute_loss
+from align_cli.vllm_engine import VllmRollouts
 
 
 @dataclass
@@ -95,6 +96,7 @@ class OnlineDPO:
             policy, run.total * settings.optimizer_steps(), settings.mini_batch_size
         )
         self.reference = LiveReference(acc, reference.to(acc.device) if reference is not None else None)
+        self.engine: VllmRollouts | None = None  # online_dpo.backend vllm: the stage sets it
         self.collate = make_collate(tokenizer.pad_token_id)
         self.compute_loss = make_compute_loss(settings.loss)  # reads each batch's ref_logps
 
@@ -120,7 +122,10 @@ class OnlineDPO:
         prompt_ids = [x.ids(s.template, tok) for x in prompts]
         timer = self.run.timer
         with timer("generation"):
-            samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
+            if self.engine is not None:  # online_dpo.backend vllm
+                samples = self.engine.sample(self.acc.unwrap_model(self.model), prompt_ids, params)
+            else:
+                samples = sample(self.acc.unwrap_model(self.model), tok, prompt_ids, params)
         texts = [tok.decode(x.response_ids, skip_special_tokens=True) for x in samples]
         finished = [x.finished for x in samples]
         group_of = [x.prompt_index for x in samples]

@@ -39,6 +39,7 @@ from align_cli.models import load_causal_lm, load_reward_model, load_tokenizer
 from align_cli.recipe import ModelSection, PPOSection, Recipe, RecipeError
 from align_cli.reference import LiveReference, frozen_reference
 from align_cli.scoring import score
+from align_cli.vllm_engine import VllmRollouts
 
 
 @dataclass
@@ -98,6 +99,7 @@ class PPO:
     def __init__(self, recipe: Recipe, models: PPOModels, run: Run, ptx: list | None = None) -> None:
         p = self.p = recipe.ppo
         self.recipe, self.models, self.run, self.ptx = recipe, models, run, ptx or []
+        self.engine: VllmRollouts | None = None  # ppo.backend vllm: the stage sets it
         acc = self.acc = run.acc
         updates = p.ppo_epochs * -(-p.rollout_batch_size // p.mini_batch_size)  # optimizer steps each
         self.actor, self.optimizer, self.scheduler = run.prepare(
@@ -132,9 +134,11 @@ class PPO:
         prompt_ids = [x.ids(self.recipe.data.template, tok) for x in prompts]
         timer = self.run.timer
         with timer("generation"), for_generation(acc, actor) as (unwrapped, synced):  # ZeRO-3 / FSDP
-            samples = sample(
-                unwrapped.policy, tok, prompt_ids, params, first_batch=acc.process_index, synced_gpus=synced
-            )
+            if self.engine is not None:  # ppo.backend vllm
+                samples = self.engine.sample(unwrapped.policy, prompt_ids, params, acc.process_index)
+            else:
+                first, policy = acc.process_index, unwrapped.policy
+                samples = sample(policy, tok, prompt_ids, params, first_batch=first, synced_gpus=synced)
         examples = [
             {"prompt_ids": s.prompt_ids, "responses": [s.response_ids], "margin": None} for s in samples
         ]

@@ -347,6 +347,7 @@ class PPOSection:
     temperature: float = number("> 0", 1.0)  # PPO samples from the policy (0 would be greedy)
     top_p: float = number("(0, 1]", 1.0)
     top_k: int = number(">= 0", 0)
+    backend: str = choices("auto", "transformers", "vllm", default="auto")  # vLLM on a GPU: vllm_engine.py
     kl_coef: float = number(">= 0", 0.05)  # beta (InstructGPT 0.02, Llama 2 0.01 / 0.005)
     kl_estimator: str = choices(*KL_ESTIMATORS, default="k1")
     adaptive_kl: bool = False  # Ziegler et al.: move kl_coef toward kl_target over kl_horizon samples
@@ -427,6 +428,7 @@ class GRPOSection:
     temperature: float = number("> 0", 1.0)  # samples come from the policy (0 would be greedy)
     top_p: float = number("(0, 1]", 1.0)
     top_k: int = number(">= 0", 0)
+    backend: str = choices("auto", "transformers", "vllm", default="auto")  # vLLM on a GPU: vllm_engine.py
     beta: float = number(">= 0", 0.04)  # k3 KL penalty in the loss (DeepSeekMath 0.04); 0: no reference
     epsilon: float = number("> 0", 0.2)  # clip range of the ratio
     # grpo: each sequence's token mean, then the mean (the paper); bnpo / dapo: every token of the
@@ -456,6 +458,7 @@ class RLOOSection:
     temperature: float = number("> 0", 1.0)
     top_p: float = number("(0, 1]", 1.0)
     top_k: int = number(">= 0", 0)
+    backend: str = choices("auto", "transformers", "vllm", default="auto")  # vLLM on a GPU: vllm_engine.py
     beta: float = number(">= 0", 0.05)  # reward r - beta * log(pi(y|x) / pi_ref(y|x)); 0: no reference
     # clip of the sequence ratio pi(y|x) / pi_old(y|x): active only off-policy (after the first update)
     cliprange: float = number("> 0", 0.2)
@@ -489,6 +492,7 @@ class OnlineDPOSection:
     temperature: float = number("> 0", 1.0)  # samples come from the policy (0 would be greedy)
     top_p: float = number("(0, 1]", 1.0)
     top_k: int = number(">= 0", 0)
+    backend: str = choices("auto", "transformers", "vllm", default="auto")  # vLLM on a GPU: vllm_engine.py
     beta: float = number("> 0", 0.1)  # DPO's beta: strength of the implicit KL constraint to pi_ref
     loss_type: str = choices(*ONLINE_DPO_LOSS_TYPES, default="sigmoid")
     label_smoothing: float = number("[0, 0.5)", 0.0)  # conservative DPO (loss_type sigmoid)

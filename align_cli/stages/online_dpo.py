@@ -42,6 +42,7 @@ from align_cli.online_dpo_core import OnlineDPO, OnlineDPOSettings
 from align_cli.recipe import DPOSection, ModelSection, Recipe, RecipeError
 from align_cli.reference import frozen_reference
 from align_cli.sections import uses_reward_model
+from align_cli.vllm_engine import make_rollouts, resolve_backend
 
 
 def settings(recipe: Recipe) -> OnlineDPOSettings:
@@ -80,6 +81,7 @@ def run_online_dpo(
     settle_chat_template(tokenizer, d.chat_template, needs_chat(d.template, prompts))
     room = prompt_room(d.max_length, s.max_new_tokens, d.max_prompt_length)
     prompts, prompt_stats = fit_prompts(prompts, tokenizer, d.template, room)
+    backend = resolve_backend(section.backend, "online_dpo")  # a missing vLLM / GPU fails before models load
     set_seed(t.seed)
     policy_section = ModelSection(**{**vars(recipe.model), "name_or_path": policy_dir})
     policy = load_causal_lm(policy_section, tokenizer)
@@ -91,6 +93,7 @@ def run_online_dpo(
     run = Run("online-dpo", t, run_dir, acc, console, iterations, unit="iteration")
     core = OnlineDPO(s, policy, reference, tokenizer, source, run)
     run.hf_files = checkpoint_files(acc, core.model, tokenizer)  # checkpoints load with from_pretrained
+    core.engine = make_rollouts(backend, policy_dir, tokenizer, t.seed)
     frozen = {"reference": reference, "reward model": source.reward_model}
     print_estimate(recipe, core.model, acc, console, frozen, policy.config)
     start = run.restore(bool(resume))

@@ -31,6 +31,7 @@ from align_cli.models import load_tokenizer, save_model
 from align_cli.ppo_core import PPO, load_models
 from align_cli.recipe import ModelSection, Recipe, RecipeError
 from align_cli.runs import last_output
+from align_cli.vllm_engine import make_rollouts, resolve_backend
 
 
 def _resolve(recipe: Recipe) -> tuple[str, str, str]:
@@ -74,12 +75,14 @@ def run_ppo(recipe: Recipe, resume: bool | Resume = False, console: Console | No
             f"ppo.rollout_batch_size ({p.rollout_batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) "
             f"count rollouts over all {world} processes and must be multiples of that number"
         )
+    backend = resolve_backend(p.backend, "ppo")  # a missing vLLM / GPU fails before models load
     set_seed(t.seed)
     models = load_models(recipe, policy_dir, scorer_dir, tokenizer)
     run_dir, acc = open_run(recipe, resume)
     iterations = t.max_steps or p.iterations
     run = Run("ppo", t, run_dir, acc, console, iterations, unit="iteration")
     ppo = PPO(recipe, models, run, ptx)
+    ppo.engine = make_rollouts(backend, policy_dir, tokenizer, t.seed)
     value = models.actor.value_model
     frozen = {"reference": models.reference, "reward model": models.scorer}
     policy_config = models.actor.policy.config
