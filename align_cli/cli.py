@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from align_cli.data.precheck import precheck_data
+from align_cli.engine.tracking import check_trackers
 from align_cli.errors import AlignError
 from align_cli.recipe import load_recipe
 from align_cli.stages import STAGES, Stage
@@ -225,6 +226,7 @@ def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
         def run() -> None:
             # recipe and data are checked before torch is imported: a mistake is reported in a second
             recipe = load_recipe(given["recipe"], overrides, given["set_"], stage=stage.name)
+            check_trackers(recipe.training)  # a tracker's missing package: one line, before the data
             precheck_data(recipe, stage.name)
             resume = _resume_mode(given)
             if resume and recipe.output.dir is None:  # --resume alone: the newest unfinished run
@@ -233,7 +235,10 @@ def _stage_command(stage: Stage, group: bool = False) -> Callable[..., None]:
                 recipe.output.dir = str(latest_unfinished_run(stage.name))
                 console.print(f"resuming {recipe.output.dir}")
             quiet_libraries()
-            stage.load().run(recipe, resume=resume, console=console)
+            try:
+                stage.load().run(recipe, resume=resume, console=console)
+            finally:
+                _close_process_group()
 
         _guarded(run, again="", quiet=False)
 
@@ -280,6 +285,18 @@ for _stage in STAGES.values():
 
 # the helper commands (reward score, pipeline, frontier, eval, plan, export, init-model, data check)
 import align_cli.cli_tools  # noqa: E402, F401
+
+
+def _close_process_group() -> None:
+    """Under torchrun / accelerate launch, leave the process group cleanly: torch's teardown at interpreter
+    exit otherwise aborts now and then ("terminate called without an active exception")."""
+    import sys
+
+    if sys.modules.get("torch") is not None:  # imported by the stage (a None entry: blocked in tests)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:

@@ -82,8 +82,8 @@ EXAMPLES = help_examples() + readme_examples()
 
 
 def argv(line: str) -> list[str]:
-    """The align arguments of an example line, without its comment or pipe."""
-    line = re.split(r"\s{2,}[(#]|\s#\s|\s\|\s", line)[0]
+    """The align arguments of an example line, without its comment, pipe or output redirection."""
+    line = re.split(r"\s{2,}[(#]|\s#\s|\s\|\s|\s2?>>?\s?\S", line)[0]
     line = re.sub(r"^.*-m align_cli\.cli\s", "", line)
     if line.count("'") % 2:  # the end of a quoted launcher command (srun bash -c '... align_cli.cli ...')
         line = line.rstrip("'")

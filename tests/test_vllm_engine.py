@@ -38,17 +38,19 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "online-dpo"])
-def test_vllm_without_vllm_fails_before_models_load(
+def test_vllm_without_vllm_or_gpu_fails_before_models_load(
     stage: str, tiny_model: Path, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """One clear line, and no model is loaded first (it would take minutes on a real checkpoint)."""
+    """One clear line, and no model is loaded first (it would take minutes on a real checkpoint): a
+    missing vLLM is a recipe error (before torch loads), a missing GPU stops the stage before its models."""
+    import importlib.util
+
     import transformers
 
-    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
     loaded = []
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
         monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: loaded.append(a) or 1 / 0)
-    from align_cli.recipe import load_recipe
+    from align_cli.recipe import RecipeError, load_recipe
     from align_cli.stages import STAGES
 
     prompts = tmp_path / "prompts.jsonl"
@@ -60,8 +62,21 @@ def test_vllm_without_vllm_fails_before_models_load(
         f"{key}: {{backend: vllm, reward_model: {tiny_model}, prompts: {prompts}}}\n"
     )
     spec = STAGES[stage]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
+    with pytest.raises(
+        RecipeError, match=rf"{key}.backend: vllm is not installed \(pip install 'align-cli\[vllm\]'\)"
+    ):
+        load_recipe(recipe_file, stage=spec.name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)  # vLLM "installed", no GPU
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("align_cli.recipe._backend_problems", lambda r: [])
     recipe = load_recipe(recipe_file, stage=spec.name)
-    with pytest.raises(AlignError, match=f"{key}.backend is vllm but vLLM is not installed"):
+    with pytest.raises(AlignError, match=f"{key}.backend is vllm but no GPU is visible"):
         getattr(spec.load(), f"run_{spec.module}")(recipe)
     assert not loaded
 

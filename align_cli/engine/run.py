@@ -76,7 +76,8 @@ class Run:
         self.schedule = SaveSchedule.for_run(t.save_every, t.save_every_minutes, total, time.monotonic())
         # adds config and tokenizer to each checkpoint so from_pretrained loads it (set by the stage)
         self.hf_files: Callable[[Path], Any] | None = None
-        self.timer = SectionTimer(accelerator.device)  # on-policy loops: time/<section>_s of an iteration
+        # on-policy loops: time/<section>_s of an iteration
+        self.timer = SectionTimer(getattr(accelerator, "device", None))
 
     @property
     def is_main(self) -> bool:
@@ -204,7 +205,7 @@ class Run:
         else:
             found = self.save(at, pending_eval)
         name = self.stop.name if self.stop is not None else "signal"
-        self.acc.end_training()  # the trackers' runs end with what was logged
+        tracking.end_trackers(self.acc)  # the trackers' runs end with what was logged
         raise StoppedBySignal(self.name, self.run_dir, at, name or "signal", found)
 
     def non_finite(
@@ -311,7 +312,7 @@ class Run:
                     card = partial(write_model_card, folder, self.run_dir, self.name, summary)
                     after_final(folder / "README.md", final_dir, card)
                 print_table(f"align {self.name}: summary", rows, self.console)
-            self.acc.end_training()
+            tracking.end_trackers(self.acc)
             stopped = stop_requested(stop, self.acc)
         if stopped:
             name = stop.name or "signal"

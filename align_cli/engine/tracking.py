@@ -150,3 +150,11 @@ def _markdown(columns: list[str], cells: list[list[Any]]) -> str:
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(text(v) for v in row) + " |" for row in cells])
+
+
+def end_trackers(accelerator: Any) -> None:
+    """End the trackers' runs with what was logged. Not ``accelerator.end_training()``: that also destroys
+    the process group, and a multi-process run still synchronises after this (stop checks, barriers)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []

@@ -33,7 +33,7 @@ from align_cli.data.templates import needs_chat, settle_chat_template
 from align_cli.engine.metrics import fmt
 from align_cli.engine.session import open_run
 from align_cli.engine.signals import StoppedBySignal
-from align_cli.engine.tracking import check_trackers, numeric, start_trackers
+from align_cli.engine.tracking import check_trackers, end_trackers, numeric, start_trackers
 from align_cli.generation import choose_backend
 from align_cli.memory import MemoryPlan, meta_model, trained_lora
 from align_cli.models import load_tokenizer
@@ -349,7 +349,7 @@ def run_rejection_sampling(
         console.print(table)
     if main:
         write_summary(run_dir, summary)
-    accelerator.end_training()
+    end_trackers(accelerator)
     return summary
 
 
