@@ -484,7 +484,6 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
     policy = _causal_lm(model_dir)
     reference = _causal_lm(model_dir).eval().requires_grad_(False)
     scorer = load_reward_model(section, tokenizer.pad_token_id).eval().requires_grad_(False)
-    body, head = param_split(policy)
     p = PPOSection(
         value_model="policy_head",
         rollout_batch_size=a.ppo_rollouts,
@@ -499,14 +498,27 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         "ppo", recipe.training, Path(tempfile.mkdtemp()), make_accelerator("fp32"), Console(), iterations
     )
     ppo = PPO(recipe, models, run)
-    passes = count_padding((policy, reference, scorer))
-    times = IterationTimes(ppo)
-    rng = random.Random(2)
+    passes_of = (policy, reference, scorer)
+    return time_iterations(
+        ppo, passes_of, tokenizer, p.rollout_batch_size, p.ppo_epochs, p.mini_batch_size, 2, a
+    )
+
+
+def time_iterations(
+    core, passes_of: tuple, tokenizer, prompts_per_iteration: int, epochs: int, mini_batch: int, seed: int, a
+) -> dict:
+    """Run ``a.ppo_iterations`` + 1 iterations of an on-policy ``core`` (PPO or GroupPolicyGradient), the
+    first a warm-up, and return tokens/s, FLOP/s, padding, memory and the per-iteration time split."""
+    policy = passes_of[0]
+    passes = count_padding(passes_of)
+    times = IterationTimes(core)
+    body, head = param_split(policy)
+    rng = random.Random(seed)
     elapsed, tokens, flops, update_flops = 0.0, 0, 0, 0
-    for it in range(iterations):
-        prompts = bench_prompts(tokenizer, policy.config.vocab_size, p.rollout_batch_size, rng)
+    for it in range(a.ppo_iterations + 1):
+        prompts = bench_prompts(tokenizer, policy.config.vocab_size, prompts_per_iteration, rng)
         start = time.perf_counter()
-        ro, stats = ppo.iteration(prompts, it)
+        ro, stats = core.iteration(prompts, it)
         took = time.perf_counter() - start
         if it == 0:  # warm-up
             passes.update(real=0, computed=0)
@@ -516,11 +528,11 @@ def bench_ppo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
         mask = ro["batch"]["attention_mask"]
         n_tok, n_resp = int(mask.sum()), int(ro["lengths"].sum())
         tokens += n_tok
-        # generation, then policy + reference + reward forward passes, then forward + backward
+        # generation, then old-policy + reference + reward forward passes, then forward + backward
         flops += 2 * body * n_tok + 2 * head * n_resp
         flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
-        update_flops += p.ppo_epochs * (6 * body * n_tok + 6 * head * n_resp)  # as sft counts a step
-    sft_s = sft_steps_on(policy, ro, p.mini_batch_size)
+        update_flops += epochs * (6 * body * n_tok + 6 * head * n_resp)  # as sft counts a step
+    sft_s = sft_steps_on(policy, ro, mini_batch)
     return times.result(update_flops, sft_s) | {
         "tokens_per_s": tokens / elapsed,
         "steps_per_s": a.ppo_iterations / elapsed,
@@ -548,7 +560,6 @@ def bench_grpo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
     policy = _causal_lm(model_dir)
     reference = _causal_lm(model_dir).eval().requires_grad_(False)
     scorer = load_reward_model(section, tokenizer.pad_token_id).eval().requires_grad_(False)
-    body, head = param_split(policy)
     group, prompts_per_iteration = 4, a.grpo_prompts
     g = GRPOSection(
         num_generations=group,
@@ -566,35 +577,10 @@ def bench_grpo_iteration(model_dir: Path, a: argparse.Namespace) -> dict:
     )
     source = RewardSource(reward_model=scorer, tokenizer=tokenizer)
     core = GroupPolicyGradient(shared, algorithm, policy, reference, tokenizer, source, run)
-    passes = count_padding((policy, reference, scorer))
-    times = IterationTimes(core)
-    rng = random.Random(3)
-    elapsed, tokens, flops, update_flops = 0.0, 0, 0, 0
-    for it in range(iterations):
-        prompts = bench_prompts(tokenizer, policy.config.vocab_size, prompts_per_iteration, rng)
-        start = time.perf_counter()
-        ro, stats = core.iteration(prompts, it)
-        took = time.perf_counter() - start
-        if it == 0:  # warm-up
-            passes.update(real=0, computed=0)
-            continue
-        elapsed += took
-        times.add(stats)
-        mask = ro["batch"]["attention_mask"]
-        n_tok, n_resp = int(mask.sum()), int(ro["lengths"].sum())
-        tokens += n_tok
-        # generation, then old-policy + reference + reward forward passes, then forward + backward
-        flops += 2 * body * n_tok + 2 * head * n_resp
-        flops += 3 * 2 * body * n_tok + 2 * 2 * head * n_resp
-        update_flops += g.num_iterations * (6 * body * n_tok + 6 * head * n_resp)
-    sft_s = sft_steps_on(policy, ro, g.mini_batch_size)
-    return times.result(update_flops, sft_s) | {
-        "tokens_per_s": tokens / elapsed,
-        "steps_per_s": a.ppo_iterations / elapsed,
-        "flops_per_s": (flops + update_flops) / elapsed,
-        "padding_fraction": 1 - passes["real"] / passes["computed"],
-        "peak_memory_mb": peak_mb(),
-    }
+    passes_of = (policy, reference, scorer)
+    return time_iterations(
+        core, passes_of, tokenizer, prompts_per_iteration, g.num_iterations, g.mini_batch_size, 3, a
+    )
 
 
 STAGES = {
