@@ -54,11 +54,20 @@ def reward_score(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Records per forward pass.")] = 16,
 ) -> None:
     """Write every record with its reward(s): `reward`, `reward_chosen`/`reward_rejected`, or `rewards`."""
-    from align_cli.reward_score import run_score
-
     if template is not None and template not in ("auto", "alpaca", "chat", "plain"):
         _fail(f"--template {template!r}: choose one of auto, alpaca, chat, plain")
-    _guarded(lambda: run_score(model, data, out, template, max_length, batch_size))
+
+    def score() -> None:
+        from align_cli.data.formats import load_records
+        from align_cli.data.precheck import SCORE_KINDS, is_local
+
+        if is_local(data):
+            load_records(data, "auto", SCORE_KINDS)  # a data error is reported before torch loads
+        from align_cli.reward_score import run_score
+
+        run_score(model, data, out, template, max_length, batch_size)
+
+    _guarded(score)
 
 
 # ----------------------------------------------------------------------------- pipelines and evaluation

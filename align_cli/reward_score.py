@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from align_cli.data.formats import DataError, Record, load_records
+from align_cli.data.precheck import SCORE_KINDS
 from align_cli.data.preference import collate_responses, encode_preference
 from align_cli.engine.metrics import print_table
 from align_cli.forward import reward_scores, to_device
@@ -25,8 +26,6 @@ from align_cli.models import ModelError, load_reward_model, load_tokenizer
 from align_cli.recipe import DataSection, ModelSection, RecipeError
 from align_cli.runs import last_output
 from align_cli.scoring import trained_settings
-
-SCORE_KINDS = ("preference", "ranked", "prompt_completion", "messages")
 
 
 def _as_ranked(record: Record) -> Record:

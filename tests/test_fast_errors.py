@@ -95,6 +95,7 @@ def test_a_data_error_is_reported_before_torch_loads(
     [
         (["plan", "-r", "RECIPE"], "training.lrr: unknown key; did you mean training.lr?"),
         (["data", "check", "DATA"], "DATA:2: malformed JSON"),
+        (["reward", "score", "-m", "no-model", "-d", "DATA"], "DATA:2: malformed JSON"),
         (["pipeline", "-r", "PIPELINE"], "stages[0].stage: 'sftt' is not one of"),
     ],
 )

@@ -33,6 +33,8 @@ PROMPT_SECTIONS = {
     "online-dpo": "online_dpo",
     "rejection-sample": "rejection",
 }
+# what `align reward score` scores: pairs, rankings, or single responses
+SCORE_KINDS = ("preference", "ranked", "prompt_completion", "messages")
 _SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
