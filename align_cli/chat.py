@@ -15,12 +15,12 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from align_cli.data.prompts import prompt_ids
 from align_cli.data.templates import render_prompt
 from align_cli.generate import (
     GenerateError,
     check_params,
     load_policy,
-    render_ids,
     template_errors,
     with_system,
 )
@@ -86,7 +86,7 @@ class ChatSession:
         """(text, token ids) of ``messages`` in the chat template, ending with the generation prompt."""
         with template_errors("the conversation"):
             text = render_prompt(messages, "chat", self.tokenizer)
-        return text, render_ids(text, self.tokenizer)
+        return text, prompt_ids(text, self.tokenizer)
 
     def prompt(self) -> tuple[str, list[int], int]:
         """(rendered text, token ids, turns dropped) of the conversation so far, ending with the user's

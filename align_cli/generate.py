@@ -21,9 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from align_cli.data.prompts import Prompt, load_prompts
+from align_cli.data.prompts import Prompt, load_prompts, prompt_ids
 from align_cli.data.readers import DataError
-from align_cli.data.tokenize import encode_segments
 from align_cli.errors import AlignError
 from align_cli.generation import SamplingParams, sample
 from align_cli.models import load_causal_lm, load_tokenizer
@@ -101,11 +100,6 @@ def prompt_text(prompt: Prompt, template: str, tokenizer: Any, system: str | Non
     return Prompt(prompt.where, with_system(messages, system)).text("chat", tokenizer)
 
 
-def render_ids(text: str, tokenizer: Any) -> list[int]:
-    """Token ids of a rendered prompt as training encodes them (BOS first when the tokenizer has one)."""
-    return encode_segments([(text, False)], tokenizer)[0]
-
-
 @contextmanager
 def template_errors(where: str) -> Iterator[None]:
     """A tokenizer's own Jinja chat template may refuse a conversation (no system turn, roles that must
@@ -120,7 +114,7 @@ def template_errors(where: str) -> Iterator[None]:
 
 def encode_prompt(prompt: Prompt, template: str, tokenizer: Any, system: str | None, raw: bool) -> list[int]:
     with template_errors(prompt.where):
-        return render_ids(prompt_text(prompt, template, tokenizer, system, raw), tokenizer)
+        return prompt_ids(prompt_text(prompt, template, tokenizer, system, raw), tokenizer)
 
 
 def gather_prompts(prompts_file: str | None, texts: list[str]) -> list[Prompt]:

@@ -28,7 +28,12 @@ class Prompt:
         return render_prompt(self.prompt, "plain" if template == "auto" else template, tokenizer)
 
     def ids(self, template: str, tokenizer: Any) -> list[int]:
-        return encode_segments([(self.text(template, tokenizer), False)], tokenizer)[0]
+        return prompt_ids(self.text(template, tokenizer), tokenizer)
+
+
+def prompt_ids(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a rendered prompt as training encodes it (the tokenizer's own prefix, e.g. BOS)."""
+    return encode_segments([(text, False)], tokenizer)[0]
 
 
 # the fields a prompt is read from; every other column of a row is kept in Prompt.columns
